@@ -1,0 +1,119 @@
+"""How a global sparsity is split over the masked leaves: uniform, ER, ERK or custom.
+
+Every function here works on static shapes (Python ints) and runs once, at ``init``.
+Per-leaf non-zero counts are integers whose sum is exactly ``round((1 - s) * total)``
+for the built-in distributions (largest-remainder rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import math
+
+DISTRIBUTIONS = ("uniform", "er", "erk")
+
+
+def check_sparsity(sparsity: float, name: str = "sparsity") -> None:
+  """Raises ValueError unless ``0 <= sparsity < 1``."""
+  if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+    raise ValueError(f"{name} must be in [0, 1), got {sparsity!r}")
+
+
+def check_distribution(distribution) -> None:
+  """Raises ValueError for an unknown distribution name or a bad mapping."""
+  if isinstance(distribution, Mapping):
+    for name, value in distribution.items():
+      check_sparsity(value, f"sparsity of {name!r} in the distribution mapping")
+  elif distribution not in DISTRIBUTIONS:
+    raise ValueError(
+        f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS} or a "
+        "mapping from parameter path to sparsity")
+
+
+def _raw_density(shape: Sequence[int], distribution: str) -> float:
+  """Unscaled ER/ERK density of a leaf (RigL's ``sparse_utils``)."""
+  if distribution == "erk":
+    return sum(shape) / math.prod(shape)
+  n_in, n_out = shape[-2:]
+  return (n_in + n_out) / (n_in * n_out)
+
+
+def _scaled_densities(shapes: Sequence[Sequence[int]], density: float,
+                      distribution: str) -> list[float]:
+  """Densities ε·raw_l with one ε, capping layers at 1 as in the RigL paper."""
+  sizes = [math.prod(s) for s in shapes]
+  raw = [_raw_density(s, distribution) for s in shapes]
+  budget = density * sum(sizes)
+  dense: set[int] = set()
+  while True:
+    rest = [i for i in range(len(shapes)) if i not in dense]
+    kept_dense = sum(sizes[i] for i in dense)
+    epsilon = (budget - kept_dense) / sum(raw[i] * sizes[i] for i in rest)
+    newly_dense = {i for i in rest if epsilon * raw[i] > 1.0}
+    if not newly_dense:
+      return [1.0 if i in dense else epsilon * raw[i] for i in range(len(shapes))]
+    dense |= newly_dense
+
+
+def _largest_remainder(exact: Sequence[float], total: int, caps: Sequence[int]) -> list[int]:
+  """Rounds ``exact`` to integers that sum to ``total`` and stay within ``[0, caps]``."""
+  counts = [min(cap, math.floor(x)) for x, cap in zip(exact, caps)]
+  order = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])
+  for i in order:
+    if sum(counts) >= total:
+      break
+    if counts[i] < caps[i]:
+      counts[i] += 1
+  return counts
+
+
+def allocate_nnz(shapes: Sequence[Sequence[int]], sparsity: float,
+                 distribution: str = "uniform") -> list[int]:
+  """Number of non-zeros per leaf for a global sparsity.
+
+  Args:
+    shapes: shapes of the masked leaves.
+    sparsity: fraction of zeros over all of them, in [0, 1).
+    distribution: "uniform", "er" or "erk".
+
+  Returns:
+    One count per leaf; they sum to ``round((1 - sparsity) * total)``.
+  """
+  check_sparsity(sparsity)
+  check_distribution(distribution)
+  sizes = [math.prod(s) for s in shapes]
+  density = 1.0 - sparsity
+  if distribution == "uniform":
+    densities = [density] * len(shapes)
+  else:
+    densities = _scaled_densities(shapes, density, distribution)
+  total = round(density * sum(sizes))
+  return _largest_remainder([d * n for d, n in zip(densities, sizes)], total, sizes)
+
+
+def allocate_nnz_by_name(names: Sequence[str], shapes: Sequence[Sequence[int]],
+                         sparsity: float, distribution) -> list[int]:
+  """Like :func:`allocate_nnz`, also accepting a mapping ``{path: sparsity}``.
+
+  With a mapping, each named leaf gets its own sparsity and every unnamed masked
+  leaf gets ``sparsity``.
+
+  Args:
+    names: path of each masked leaf, e.g. ``"Dense_0/kernel"``.
+    shapes: shape of each masked leaf.
+    sparsity: global sparsity, or the default sparsity with a mapping.
+    distribution: a name in ``DISTRIBUTIONS`` or a mapping from path to sparsity.
+
+  Returns:
+    One non-zero count per leaf.
+  """
+  check_sparsity(sparsity)
+  check_distribution(distribution)
+  if not isinstance(distribution, Mapping):
+    return allocate_nnz(shapes, sparsity, distribution)
+  unknown = sorted(set(distribution) - set(names))
+  if unknown:
+    raise ValueError(f"distribution names {unknown} that are not masked parameters; "
+                     f"masked parameters are {list(names)}")
+  return [round((1.0 - distribution.get(name, sparsity)) * math.prod(shape))
+          for name, shape in zip(names, shapes)]

@@ -1,0 +1,141 @@
+"""Mask pytrees: which leaves are masked, random initial masks, and reading masks back.
+
+A mask pytree is shaped like the params: a bool array for every masked leaf and
+``None`` for a leaf kept dense.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax import distributions
+from sparsejax.selection import top_k_mask
+
+DensePredicate = Callable[[str, Any], bool]
+
+
+def keep_small_leaves_dense(path: str, leaf: Any) -> bool:
+  """Default ``dense`` predicate: leaves with fewer than two axes (biases, scales)."""
+  del path
+  return jnp.ndim(leaf) < 2
+
+
+def _key_name(key: Any) -> str | None:
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return None if key.name == "value" else key.name  # flax.nnx Variable boxes
+  return str(getattr(key, "key", key))
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+  """Joins a pytree key path into ``"Dense_0/kernel"`` form."""
+  return "/".join(name for name in map(_key_name, path) if name is not None)
+
+
+def leaf_names(tree: Any) -> list[str]:
+  """Path names of all leaves of ``tree``, in ``jax.tree.leaves`` order."""
+  return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def masked_leaves(params: Any, dense: DensePredicate = keep_small_leaves_dense) -> Any:
+  """Pytree like ``params``: True where a leaf is masked, False where it stays dense."""
+  return jax.tree_util.tree_map_with_path(lambda p, x: not dense(path_name(p), x), params)
+
+
+def nnz_targets(params: Any, sparsity: float, distribution: str | Mapping[str, float],
+                dense: DensePredicate = keep_small_leaves_dense) -> Any:
+  """Target non-zero count of every masked leaf (None for dense leaves).
+
+  Args:
+    params: the parameter pytree.
+    sparsity: fraction of zeros over all masked leaves, in [0, 1).
+    distribution: "uniform", "er", "erk", or a mapping from path to sparsity.
+    dense: predicate ``(path, leaf) -> bool`` of leaves kept dense.
+
+  Returns:
+    A pytree like ``params`` of Python ints and Nones.
+
+  Raises:
+    ValueError: for a bad sparsity or distribution, or when no leaf is masked.
+  """
+  flags, treedef = jax.tree.flatten(masked_leaves(params, dense))
+  leaves = jax.tree.leaves(params)
+  names = leaf_names(params)
+  chosen = [i for i, flag in enumerate(flags) if flag]
+  if not chosen:
+    raise ValueError("the `dense` predicate keeps every parameter dense: nothing to sparsify")
+  counts = distributions.allocate_nnz_by_name(
+      [names[i] for i in chosen], [jnp.shape(leaves[i]) for i in chosen], sparsity,
+      distribution)
+  out: list[int | None] = [None] * len(leaves)
+  for i, count in zip(chosen, counts):
+    out[i] = count
+  return jax.tree.unflatten(treedef, out)
+
+
+def random_masks(key: jax.Array, params: Any, nnz: Any) -> Any:
+  """Uniformly random masks with exactly ``nnz`` True entries per masked leaf.
+
+  Args:
+    key: a PRNG key.
+    params: the parameter pytree (only shapes are used).
+    nnz: pytree like ``params`` of counts, None for dense leaves.
+
+  Returns:
+    A mask pytree (bool arrays, None for dense leaves).
+  """
+  counts, treedef = jax.tree.flatten(nnz, is_leaf=lambda x: x is None)
+  leaves = treedef.flatten_up_to(params)
+  keys = jax.random.split(key, len(leaves))
+  out = [None if n is None else top_k_mask(jax.random.uniform(k, jnp.shape(p)), n)
+         for k, p, n in zip(keys, leaves, counts)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def _pure(tree: Any) -> Any:
+  """Strips flax.nnx Variable boxes (as in ``nnx.Optimizer.opt_state``)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.as_pure(tree)
+
+
+def masks(opt_state: optax.OptState) -> Any:
+  """The mask pytree of the sparse wrapper found anywhere in ``opt_state``.
+
+  Args:
+    opt_state: the state of a sparsejax method, possibly nested (e.g. in a chain)
+      or boxed by ``flax.nnx.Optimizer``.
+
+  Returns:
+    A pytree like the params: bool arrays for masked leaves, None for dense ones.
+  """
+  return optax.tree_utils.tree_get(_pure(opt_state), "masks")
+
+
+def summary(opt_state: optax.OptState) -> dict[str, Any]:
+  """Per-leaf and global non-zeros, sizes and sparsities, counted from the masks.
+
+  Args:
+    opt_state: the state of a sparsejax method (see :func:`masks`).
+
+  Returns:
+    ``{"layers": {path: {"nnz", "size", "sparsity"}}, "nnz", "size", "sparsity"}``
+    over masked leaves; dense leaves are not listed.
+  """
+  tree = masks(opt_state)
+  layers = {}
+  for path, mask in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    nnz, size = int(jnp.sum(mask)), math.prod(mask.shape)
+    layers[path_name(path)] = {"nnz": nnz, "size": size, "sparsity": 1.0 - nnz / size}
+  nnz = sum(layer["nnz"] for layer in layers.values())
+  size = sum(layer["size"] for layer in layers.values())
+  return {"layers": layers, "nnz": nnz, "size": size,
+          "sparsity": 1.0 - nnz / size if size else 0.0}

@@ -1,0 +1,51 @@
+"""The RigL family in one function: magnitude drop, any grow score, cosine drop fraction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import optax
+
+from sparsejax import distributions, schedules, scores
+from sparsejax.masks import DensePredicate
+from sparsejax.topology import drop_and_grow, random_init
+from sparsejax.wrapper import Topology, sparse_wrapper
+
+
+def drop_grow_method(inner: optax.GradientTransformation, grow_score: scores.ScoreFn, *,
+                     sparsity: float, distribution: str | Mapping[str, float],
+                     update_every: int, start_step: int, end_step: int,
+                     drop_fraction: float | optax.Schedule, dense: DensePredicate,
+                     seed: int, init_extra=None, update_extra=None
+                     ) -> optax.GradientTransformationExtraArgs:
+  """A RigL-family method: magnitude drop, the given grow score, cosine drop fraction.
+
+  Args:
+    inner: the optimizer to wrap.
+    grow_score: score of inactive weights, higher = grow first.
+    sparsity: global sparsity in [0, 1).
+    distribution: "uniform", "er", "erk" or a mapping from path to sparsity.
+    update_every: steps between mask updates (ΔT).
+    start_step: masks change after this step.
+    end_step: masks stop changing after this step.
+    drop_fraction: initial drop fraction (cosine-decayed to 0 at ``end_step``) or
+      an optax schedule of the step.
+    dense: predicate ``(path, leaf) -> bool`` of leaves kept dense.
+    seed: seed of the initial masks and of random scores.
+    init_extra: optional ``(params, masks) -> extra`` method state.
+    update_extra: optional ``(inputs, new_masks) -> extra``.
+
+  Returns:
+    An optax transformation.
+  """
+  distributions.check_sparsity(sparsity)
+  distributions.check_distribution(distribution)
+  topology = Topology(
+      init_masks=random_init(sparsity, distribution, dense),
+      is_update_step=schedules.update_steps(update_every, start_step, end_step),
+      update_masks=drop_and_grow(
+          scores.magnitude, grow_score,
+          schedules.as_drop_fraction(drop_fraction, start_step, end_step), update_extra))
+  if init_extra is not None:
+    topology = topology._replace(init_extra=init_extra)
+  return sparse_wrapper(inner, topology, seed)

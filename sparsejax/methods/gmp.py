@@ -1,0 +1,78 @@
+"""Gradual magnitude pruning (Zhu & Gupta 2017): start dense, prune on a cubic schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax import distributions, schedules
+from sparsejax.masks import DensePredicate, keep_small_leaves_dense, masked_leaves, nnz_targets
+from sparsejax.scores import ScoreInputs
+from sparsejax.selection import top_k_mask
+from sparsejax.wrapper import Topology, sparse_wrapper
+
+
+def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
+        initial_sparsity: float = 0.0, start_step: int = 0, update_every: int = 100,
+        distribution: str | Mapping[str, float] = "uniform",
+        dense: DensePredicate = keep_small_leaves_dense,
+        seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Prunes the smallest-magnitude active weights every ``update_every`` steps.
+
+  Layer l's sparsity follows s_t = s_l + (s_i − s_l)(1 − (t − start)/(end − start))³,
+  with s_l its final sparsity from ``distribution``; pruned weights never return.
+  Pruning happens at ``start_step`` (if ≥ 1) and every ``update_every`` steps after,
+  up to ``end_step``, right after that step's weight update.
+
+  Args:
+    inner: the optimizer to wrap.
+    sparsity: final global sparsity in [0, 1).
+    end_step: step at which the final sparsity is reached.
+    initial_sparsity: sparsity s_i at ``start_step``.
+    start_step: first pruning step (t₀).
+    update_every: steps between pruning steps (ΔT).
+    distribution: "uniform", "er", "erk" or a mapping from path to sparsity.
+    dense: predicate ``(path, leaf) -> bool`` of leaves kept dense.
+    seed: unused by the method itself; kept for a uniform signature.
+
+  Returns:
+    An optax transformation.
+  """
+  distributions.check_sparsity(sparsity)
+  distributions.check_sparsity(initial_sparsity, "initial_sparsity")
+  distributions.check_distribution(distribution)
+  periodic = schedules.update_steps(update_every, start_step, end_step)
+  remaining = schedules.cubic_sparsity(0.0, 1.0, start_step, end_step)  # (1 − progress)³
+
+  def init_masks(params, key):
+    del key
+    return jax.tree.map(lambda p, flag: jnp.ones(jnp.shape(p), bool) if flag else None,
+                        params, masked_leaves(params, dense))
+
+  def init_extra(params, masks):
+    """Final non-zero count of every masked leaf, as int32 scalars."""
+    del masks
+    return jax.tree.map(lambda n: jnp.asarray(n, jnp.int32),
+                        nnz_targets(params, sparsity, distribution, dense))
+
+  def is_update_step(step):
+    return periodic(step) | (step == max(start_step, 1))
+
+  def update_masks(inputs: ScoreInputs):
+    def prune(mask, final_nnz, param):
+      initial_nnz = round((1.0 - initial_sparsity) * mask.size)
+      nnz = final_nnz + jnp.round((initial_nnz - final_nnz) * remaining(inputs.step))
+      nnz = jnp.minimum(nnz.astype(jnp.int32), mask.sum(dtype=jnp.int32))
+      return top_k_mask(jnp.abs(param), nnz, eligible=mask)
+
+    masks = jax.tree.map(lambda m, n, p: None if m is None else prune(m, n, p),
+                         inputs.masks, inputs.extra, inputs.params,
+                         is_leaf=lambda x: x is None)
+    return masks, inputs.extra
+
+  topology = Topology(init_masks, init_extra, is_update_step=is_update_step, update_masks=update_masks,
+                      train_at_update=True)
+  return sparse_wrapper(inner, topology, seed)

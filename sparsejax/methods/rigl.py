@@ -1,0 +1,42 @@
+"""RigL (Evci et al. 2020): drop by magnitude, grow by dense-gradient magnitude."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import optax
+
+from sparsejax import scores
+from sparsejax.masks import DensePredicate, keep_small_leaves_dense
+from sparsejax.methods.drop_grow import drop_grow_method
+
+
+def rigl(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
+         distribution: str | Mapping[str, float] = "erk", update_every: int = 100,
+         start_step: int = 0, drop_fraction: float | optax.Schedule = 0.3,
+         dense: DensePredicate = keep_small_leaves_dense,
+         seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Rigged Lottery: every ``update_every`` steps, swap the weakest active weights
+  for the inactive ones with the largest dense gradient.
+
+  At a mask-update step the weights are not trained (the paper's Algorithm 1):
+  grown weights start at 0 with a fresh inner-optimizer state.
+
+  Args:
+    inner: the optimizer to wrap.
+    sparsity: global sparsity in [0, 1).
+    end_step: last step at which masks change (RigL: 75 % of training).
+    distribution: "uniform", "er", "erk" or a mapping from path to sparsity.
+    update_every: steps between mask updates (ΔT).
+    start_step: masks change after this step.
+    drop_fraction: initial drop fraction, cosine-decayed to 0, or a schedule.
+    dense: predicate ``(path, leaf) -> bool`` of leaves kept dense.
+    seed: seed of the initial masks.
+
+  Returns:
+    An optax transformation.
+  """
+  return drop_grow_method(
+      inner, scores.gradient_magnitude, sparsity=sparsity, distribution=distribution,
+      update_every=update_every, start_step=start_step, end_step=end_step,
+      drop_fraction=drop_fraction, dense=dense, seed=seed)

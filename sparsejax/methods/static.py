@@ -1,0 +1,34 @@
+"""Static sparse training: a fixed random mask drawn at ``init``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import optax
+
+from sparsejax import distributions
+from sparsejax.masks import DensePredicate, keep_small_leaves_dense
+from sparsejax.topology import random_init
+from sparsejax.wrapper import Topology, sparse_wrapper
+
+
+def static_sparse(inner: optax.GradientTransformation, *, sparsity: float,
+                  distribution: str | Mapping[str, float] = "erk",
+                  dense: DensePredicate = keep_small_leaves_dense,
+                  seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Trains with a fixed random mask.
+
+  Args:
+    inner: the optimizer to wrap.
+    sparsity: fraction of zeros over all masked leaves, in [0, 1).
+    distribution: "uniform", "er", "erk", or a mapping from parameter path to
+      sparsity (unnamed masked leaves get ``sparsity``).
+    dense: predicate ``(path, leaf) -> bool`` of leaves kept dense.
+    seed: seed of the random mask.
+
+  Returns:
+    An optax transformation; see :func:`sparsejax.masks` for its masks.
+  """
+  distributions.check_sparsity(sparsity)
+  distributions.check_distribution(distribution)
+  return sparse_wrapper(inner, Topology(random_init(sparsity, distribution, dense)), seed)

@@ -1,0 +1,84 @@
+"""Building blocks of :class:`~sparsejax.wrapper.Topology`: initial masks and updates.
+
+A dynamic method is ``drop score × grow score × schedule × distribution``:
+:func:`drop_and_grow` turns two score functions and a drop-fraction schedule into
+a mask update that keeps every layer's non-zero count fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax import masks as masks_lib
+from sparsejax.scores import ScoreFn, ScoreInputs
+from sparsejax.selection import top_k_mask
+
+
+def random_init(sparsity: float, distribution: str | Mapping[str, float],
+                dense: masks_lib.DensePredicate):
+  """``init_masks`` drawing exactly the distribution's non-zero count per leaf at random.
+
+  Args:
+    sparsity: global sparsity in [0, 1).
+    distribution: "uniform", "er", "erk" or a mapping from path to sparsity.
+    dense: predicate ``(path, leaf) -> bool`` of leaves kept dense.
+
+  Returns:
+    A function ``(params, key) -> masks``.
+  """
+  def init_masks(params, key):
+    nnz = masks_lib.nnz_targets(params, sparsity, distribution, dense)
+    return masks_lib.random_masks(key, params, nnz)
+
+  return init_masks
+
+
+def drop_and_grow_leaf(mask: jax.Array, drop_score: jax.Array, grow_score: jax.Array,
+                       fraction: jax.Array) -> jax.Array:
+  """One layer's update: drop the k weakest active weights, grow the k best inactive.
+
+  ``k = round(fraction · nnz)``, capped by the number of inactive weights; a weight
+  dropped here is never regrown in the same update, so nnz is unchanged.
+
+  Args:
+    mask: bool mask of the layer.
+    drop_score: higher = keep.
+    grow_score: higher = grow first.
+    fraction: fraction of active weights to swap.
+
+  Returns:
+    The new bool mask.
+  """
+  nnz = mask.sum(dtype=jnp.int32)
+  k = jnp.minimum(jnp.round(fraction * nnz).astype(jnp.int32), mask.size - nnz)
+  kept = top_k_mask(drop_score, nnz - k, eligible=mask)
+  grown = top_k_mask(grow_score, k, eligible=~mask)
+  return kept | grown
+
+
+def drop_and_grow(drop_score: ScoreFn, grow_score: ScoreFn, drop_fraction: optax.Schedule,
+                  update_extra=None):
+  """``update_masks`` of the RigL family.
+
+  Args:
+    drop_score: score function, higher = keep (e.g. magnitude).
+    grow_score: score function, higher = grow first (e.g. gradient magnitude).
+    drop_fraction: schedule of the fraction of active weights swapped at a step.
+    update_extra: optional ``(inputs, new_masks) -> extra`` updating method state.
+
+  Returns:
+    A function ``ScoreInputs -> (masks, extra)``.
+  """
+  def update_masks(inputs: ScoreInputs):
+    fraction = drop_fraction(inputs.step)
+    masks = jax.tree.map(
+        lambda m, d, g: None if m is None else drop_and_grow_leaf(m, d, g, fraction),
+        inputs.masks, drop_score(inputs), grow_score(inputs), is_leaf=lambda x: x is None)
+    extra = inputs.extra if update_extra is None else update_extra(inputs, masks)
+    return masks, extra
+
+  return update_masks
