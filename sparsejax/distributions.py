@@ -47,6 +47,8 @@ def _scaled_densities(shapes: Sequence[Sequence[int]], density: float,
   dense: set[int] = set()
   while True:
     rest = [i for i in range(len(shapes)) if i not in dense]
+    if not rest:
+      return [1.0] * len(shapes)
     kept_dense = sum(sizes[i] for i in dense)
     epsilon = (budget - kept_dense) / sum(raw[i] * sizes[i] for i in rest)
     newly_dense = {i for i in rest if epsilon * raw[i] > 1.0}

@@ -1,0 +1,29 @@
+"""The training loop and models used by the experiments."""
+
+from sparsejax.train.loop import (
+    Experiment,
+    TrainResult,
+    evaluate,
+    run,
+    setup,
+    train,
+    train_and_evaluate,
+    validate_config,
+    with_method,
+)
+from sparsejax.train.models import LeNet5Caffe, LeNet300100, get_model
+
+__all__ = [
+    "Experiment",
+    "LeNet300100",
+    "LeNet5Caffe",
+    "TrainResult",
+    "evaluate",
+    "get_model",
+    "run",
+    "setup",
+    "train",
+    "train_and_evaluate",
+    "validate_config",
+    "with_method",
+]

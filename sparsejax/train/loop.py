@@ -1,0 +1,380 @@
+"""The training loop of the experiments: a Flax model, an optax optimizer, a sparsejax wrapper.
+
+``train_and_evaluate(config)`` validates the config, builds the optimizer and its
+state (so that every config error is raised before the first step), trains with a
+jitted step and evaluates on the whole test set. The steps are split so that a
+runner can build several experiments first and train them afterwards::
+
+  experiment = setup(config)          # raises ValueError for a bad config
+  result = train(experiment)          # params, opt_state, train loss, steps
+  accuracy = evaluate(experiment, result.params)
+
+Config keys (see ``experiments/configs/fashion_mnist.py``): ``model``, ``optimizer``
+("sgd" or "adam"), ``learning_rate``, ``momentum``, ``batch_size``, ``num_epochs``,
+``num_steps`` (> 0 overrides ``num_epochs``), ``seed``, ``eval_batch_size``,
+``data_dir``, optional ``dataset`` ("fashion_mnist" or "mnist"), and ``sparse``: the
+sparsejax method name under ``method`` plus its keywords.
+
+``sparse.end_step = -1`` is a placeholder for 75 % of the total steps (RigL's
+choice). For "gmp" it is rounded down to ``start_step + k * update_every``:
+gmp only prunes on those steps, so an ``end_step`` between two of them would never
+reach the final sparsity.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+import functools
+import inspect
+import itertools
+import time
+from typing import Any, NamedTuple
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import sparsejax
+from sparsejax.data import batches, load_idx_dataset
+from sparsejax.train.models import MODELS, get_model
+
+OPTIMIZERS = ("sgd", "adam")
+END_STEP_PLACEHOLDER = -1
+END_STEP_FRACTION = 0.75
+REQUIRED_KEYS = ("model", "optimizer", "learning_rate", "momentum", "batch_size", "num_epochs",
+                 "num_steps", "seed", "eval_batch_size", "sparse")
+
+Data = Mapping[str, Mapping[str, np.ndarray]]
+
+
+class Experiment(NamedTuple):
+  """Everything built from a config before training; its construction validates the config."""
+  config: ml_collections.ConfigDict  # with ``sparse.end_step`` resolved
+  model: nn.Module
+  tx: optax.GradientTransformation
+  params: Any
+  opt_state: optax.OptState
+  data: Data
+  num_steps: int
+
+
+class TrainResult(NamedTuple):
+  """The outcome of :func:`train`."""
+  params: Any
+  opt_state: optax.OptState
+  train_loss: float  # mean loss over the last epoch's worth of steps
+  steps: int
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+  if not ok:
+    raise ValueError(f"config.{key} {message}")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the training keys of ``config``; sparsejax checks ``config.sparse`` itself.
+
+  Args:
+    config: the experiment config.
+
+  Raises:
+    ValueError: naming the first bad or missing key.
+  """
+  for key in REQUIRED_KEYS:
+    _check(key in config, key, "is missing")
+  _check(config.model in MODELS, "model", f"must be one of {sorted(MODELS)}, got {config.model!r}")
+  _check(config.optimizer in OPTIMIZERS, "optimizer",
+         f"must be one of {list(OPTIMIZERS)}, got {config.optimizer!r}")
+  _check(_is_number(config.learning_rate) and config.learning_rate > 0, "learning_rate",
+         f"must be > 0, got {config.learning_rate!r}")
+  _check(_is_number(config.momentum) and 0 <= config.momentum < 1, "momentum",
+         f"must be in [0, 1), got {config.momentum!r}")
+  for key in ("batch_size", "eval_batch_size"):
+    _check(_is_int(config[key]) and config[key] > 0, key, f"must be an integer > 0, got "
+           f"{config[key]!r}")
+  _check(_is_int(config.num_steps), "num_steps", f"must be an integer, got {config.num_steps!r}")
+  if config.num_steps <= 0:
+    _check(_is_int(config.num_epochs) and config.num_epochs > 0, "num_epochs",
+           f"must be an integer > 0 when num_steps <= 0, got {config.num_epochs!r}")
+  _check(_is_int(config.seed) and config.seed >= 0, "seed",
+         f"must be an integer >= 0, got {config.seed!r}")
+  _check(isinstance(config.sparse, (ml_collections.ConfigDict, Mapping)), "sparse",
+         "must be a section with a `method` key")
+  _check("method" in config.sparse, "sparse.method", "is missing")
+
+
+def total_steps(config: ml_collections.ConfigDict, num_train: int) -> int:
+  """``num_steps`` if > 0, else ``num_epochs * (num_train // batch_size)``."""
+  _check(config.batch_size <= num_train, "batch_size", f"({config.batch_size}) exceeds the "
+         f"{num_train} training examples")
+  if config.num_steps > 0:
+    return int(config.num_steps)
+  return int(config.num_epochs * (num_train // config.batch_size))
+
+
+def resolve_sparse(sparse: Mapping[str, Any], num_steps: int) -> dict[str, Any]:
+  """A plain-dict copy of ``sparse`` with the ``end_step = -1`` placeholder resolved.
+
+  Args:
+    sparse: the ``config.sparse`` section.
+    num_steps: total training steps.
+
+  Returns:
+    The keywords for :func:`sparsejax.from_config`.
+
+  Raises:
+    ValueError: when gmp's ``update_every`` leaves no pruning step before ``end_step``.
+  """
+  resolved = sparse.to_dict() if isinstance(sparse, ml_collections.ConfigDict) else dict(sparse)
+  if resolved.get("end_step") != END_STEP_PLACEHOLDER:
+    return resolved
+  end_step = round(END_STEP_FRACTION * num_steps)
+  if resolved["method"] == "gmp":
+    start = resolved.get("start_step", 0)
+    every = resolved.get("update_every", 100)
+    periods = (end_step - start) // every if _is_int(every) and every > 0 else 0
+    _check(periods >= 1, "sparse.update_every", f"({every}) leaves no pruning step between "
+           f"start_step ({start}) and 75% of the {num_steps} training steps; lower it")
+    end_step = start + periods * every
+  resolved["end_step"] = end_step
+  return resolved
+
+
+def with_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+  """A copy of ``config`` whose ``sparse`` section runs ``method``.
+
+  Keeps the keys of ``config.sparse`` that ``method`` accepts; a missing ``end_step``
+  becomes the -1 placeholder. Other missing required keywords raise.
+
+  Args:
+    config: an experiment config.
+    method: "dense" or a name in :data:`sparsejax.METHODS`.
+
+  Returns:
+    The new config.
+
+  Raises:
+    ValueError: for an unknown method or a keyword it needs that ``config.sparse`` lacks.
+  """
+  config = config.copy_and_resolve_references()
+  if method == "dense":
+    config.sparse = ml_collections.ConfigDict({"method": "dense"})
+    return config
+  if method not in sparsejax.METHODS:
+    raise ValueError(f"unknown method {method!r}; expected 'dense' or one of "
+                     f"{sorted(sparsejax.METHODS)}")
+  parameters = inspect.signature(sparsejax.METHODS[method]).parameters
+  base = config.sparse.to_dict()
+  sparse = {"method": method}
+  for name, parameter in parameters.items():
+    if name == "inner":
+      continue
+    if name in base:
+      sparse[name] = base[name]
+    elif name == "end_step":
+      sparse[name] = END_STEP_PLACEHOLDER
+    elif parameter.default is inspect.Parameter.empty:
+      raise ValueError(f"config.sparse.{name} is needed by method {method!r}")
+  config.sparse = ml_collections.ConfigDict(sparse)
+  return config
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The inner optimizer: ``optax.sgd`` with momentum, or ``optax.adam``."""
+  if config.optimizer == "adam":
+    return optax.adam(config.learning_rate)
+  return optax.sgd(config.learning_rate, momentum=config.momentum or None)
+
+
+@functools.cache
+def _init_fn(model_name: str):
+  """A jitted ``model.init``, shared by the experiments of a process (compiled once)."""
+  return jax.jit(get_model(model_name).init)
+
+
+@functools.cache
+def _correct_fn(model_name: str):
+  """A jitted count of correct predictions among the valid examples of a batch."""
+  model = get_model(model_name)
+
+  @jax.jit
+  def correct(params, images, labels, valid):
+    predictions = jnp.argmax(model.apply({"params": params}, images), axis=-1)
+    return jnp.sum((predictions == labels) & valid)
+
+  return correct
+
+
+def setup(config: ml_collections.ConfigDict, data: Data | None = None) -> Experiment:
+  """Validates ``config``, loads the data, and builds the model, optimizer and states.
+
+  Args:
+    config: the experiment config.
+    data: ``{"train": {"image", "label"}, "test": {...}}``; None to load the IDX
+      dataset named by ``config.dataset`` (default "fashion_mnist") from ``config.data_dir``.
+
+  Returns:
+    An :class:`Experiment` ready for :func:`train`.
+
+  Raises:
+    ValueError: for a bad config, including the ``sparse`` section (sparsejax's errors
+      are re-raised with a ``config.sparse`` prefix).
+    FileNotFoundError: when the dataset is not found.
+  """
+  validate_config(config)
+  if data is None:
+    data = load_idx_dataset(config.get("dataset", "fashion_mnist"), config.get("data_dir"))
+  num_steps = total_steps(config, len(data["train"]["label"]))
+  sparse = resolve_sparse(config.sparse, num_steps)
+  try:
+    tx = sparsejax.from_config(sparse, make_optimizer(config))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.sparse: {e}") from e
+  model = get_model(config.model)
+  params = _init_fn(config.model)(jax.random.PRNGKey(config.seed),
+                                  data["train"]["image"][:1])["params"]
+  try:
+    # Jitted: eager initialisation dispatches hundreds of small ops (seconds on CPU).
+    opt_state = jax.jit(tx.init)(params)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.sparse: {e}") from e
+  config = config.copy_and_resolve_references()
+  config.sparse = ml_collections.ConfigDict(sparse)
+  return Experiment(config, model, tx, params, opt_state, data, num_steps)
+
+
+def _loss(model: nn.Module, params: Any, images: jax.Array, labels: jax.Array) -> jax.Array:
+  logits = model.apply({"params": params}, images)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation):
+  """A jitted ``(params, opt_state, images, labels) -> (params, opt_state, loss)``."""
+  @jax.jit
+  def train_step(params, opt_state, images, labels):
+    loss, grads = jax.value_and_grad(lambda p: _loss(model, p, images, labels))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return train_step
+
+
+def train(experiment: Experiment) -> TrainResult:
+  """Trains for ``experiment.num_steps`` steps over shuffled epochs of the train split.
+
+  Args:
+    experiment: from :func:`setup`.
+
+  Returns:
+    The trained params and optimizer state, the mean loss of the last epoch's worth
+    of steps, and the number of steps.
+  """
+  config, train_split = experiment.config, experiment.data["train"]
+  steps_per_epoch = len(train_split["label"]) // config.batch_size
+  train_step = make_train_step(experiment.model, experiment.tx)
+  params, opt_state = experiment.params, experiment.opt_state
+  recent = collections.deque(maxlen=max(1, min(steps_per_epoch, experiment.num_steps)))
+  step = 0
+  for epoch in itertools.count():
+    for images, labels in batches(train_split["image"], train_split["label"], config.batch_size,
+                                  seed=config.seed, epoch=epoch):
+      params, opt_state, loss = train_step(params, opt_state, images, labels)
+      recent.append(loss)
+      step += 1
+      if step == experiment.num_steps:
+        break
+    logging.info("%s: epoch %d, step %d, loss %.4f", config.sparse.method, epoch + 1, step,
+                 float(recent[-1]))
+    if step == experiment.num_steps:
+      break
+  train_loss = float(jnp.mean(jnp.stack(list(recent))))
+  return TrainResult(params, opt_state, train_loss, step)
+
+
+def evaluate(experiment: Experiment, params: Any) -> float:
+  """Accuracy on the whole test split, in batches of ``eval_batch_size`` (the last one padded).
+
+  Args:
+    experiment: from :func:`setup`.
+    params: the params to evaluate.
+
+  Returns:
+    The fraction of correctly classified test examples.
+  """
+  size = experiment.config.eval_batch_size
+  images, labels = experiment.data["test"]["image"], experiment.data["test"]["label"]
+  correct = _correct_fn(experiment.config.model)
+  total = jnp.zeros((), jnp.int32)
+  for start in range(0, len(labels), size):
+    batch_images, batch_labels = images[start:start + size], labels[start:start + size]
+    pad = size - len(batch_labels)
+    valid = np.arange(size) < len(batch_labels)
+    if pad:
+      batch_images = np.concatenate([batch_images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+      batch_labels = np.concatenate([batch_labels, np.zeros((pad,), labels.dtype)])
+    total = total + correct(params, batch_images, batch_labels, valid)
+  return int(total) / len(labels)
+
+
+def measured_sparsity(experiment: Experiment, opt_state: optax.OptState) -> float:
+  """Global sparsity of the masked leaves from :func:`sparsejax.summary`; 0.0 for dense."""
+  if experiment.config.sparse.method == "dense":
+    return 0.0
+  return float(sparsejax.summary(opt_state)["sparsity"])
+
+
+def run(experiment: Experiment) -> dict[str, Any]:
+  """Trains and evaluates an experiment built by :func:`setup`.
+
+  Args:
+    experiment: from :func:`setup`.
+
+  Returns:
+    ``{"method", "sparsity", "test_accuracy", "train_loss", "steps", "seconds"}``;
+    ``seconds`` is the wall time of training and evaluation, compilation included.
+  """
+  start = time.perf_counter()
+  result = train(experiment)
+  accuracy = evaluate(experiment, result.params)
+  seconds = time.perf_counter() - start
+  return {"method": experiment.config.sparse.method,
+          "sparsity": measured_sparsity(experiment, result.opt_state),
+          "test_accuracy": accuracy, "train_loss": result.train_loss, "steps": result.steps,
+          "seconds": seconds}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, data: Data | None = None
+                       ) -> dict[str, Any]:
+  """Trains the configured model and method, then evaluates it on the test split.
+
+  The config is validated and the optimizer built and initialised before any
+  training step, so a bad config fails fast.
+
+  Args:
+    config: the experiment config (see the module docstring).
+    data: optional in-memory dataset, as returned by :func:`sparsejax.data.load_idx_dataset`.
+
+  Returns:
+    ``{"method", "sparsity", "test_accuracy", "train_loss", "steps", "seconds"}``:
+    the measured global sparsity of the masks (0.0 for dense), the test accuracy as
+    a fraction in [0, 1], the mean training loss over the last epoch's worth of steps,
+    the number of steps and the wall time of training and evaluation.
+
+  Raises:
+    ValueError: for a bad config.
+    FileNotFoundError: when the dataset is not found.
+  """
+  return run(setup(config, data))

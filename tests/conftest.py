@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny MLP and helpers to step any optax transformation."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+
+class TinyMLP(nn.Module):
+  """20 → 16 → 12 → 4: three kernels (masked) and three biases (dense)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(16)(x))
+    x = nn.relu(nn.Dense(12)(x))
+    return nn.Dense(4)(x)
+
+
+def make_batch(seed: int = 0, n: int = 32):
+  kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+  return jax.random.normal(kx, (n, 20)), jax.random.randint(ky, (n,), 0, 4)
+
+
+@pytest.fixture(scope="session")
+def mlp():
+  model = TinyMLP()
+  x, y = make_batch()
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+
+  def loss(p, batch=(x, y)):
+    logits = model.apply({"params": p}, batch[0])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+  return params, loss
+
+
+def make_step(tx, loss, jit: bool = True):
+  """A train step ``(params, state, batch) -> (params, state, grads)``."""
+
+  def step(params, state, batch):
+    grads = jax.grad(loss)(params, batch)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, grads
+
+  return jax.jit(step) if jit else step
+
+
+def mask_leaves(tree):
+  """Flat list of the mask arrays (None for dense leaves)."""
+  return jax.tree.leaves(tree, is_leaf=lambda x: x is None)
+
+
+def assert_exactly_sparse(params, masks):
+  """Masked weights are exactly 0; active weights may be anything."""
+  for p, m in zip(jax.tree.leaves(params), mask_leaves(masks)):
+    if m is not None:
+      np.testing.assert_array_equal(np.asarray(p)[~np.asarray(m)], 0.0)
+
+
+def nnz_per_leaf(masks):
+  return [None if m is None else int(jnp.sum(m)) for m in mask_leaves(masks)]

@@ -1,0 +1,216 @@
+"""Method semantics: when masks change, what is dropped and grown, resets, GMP's schedule."""
+
+import chex
+from conftest import assert_exactly_sparse, make_batch, make_step, mask_leaves, nnz_per_leaf
+import jax
+import numpy as np
+import optax
+import pytest
+
+import sparsejax as sj
+from sparsejax.schedules import cosine_drop_fraction, update_steps
+
+
+def run(tx, params, loss, steps, jit=True):
+  """Yields (step, params_before, params_after, masks_before, state_before, state, grads)."""
+  state = tx.init(params)
+  step_fn = make_step(tx, loss, jit=jit)
+  for t in range(1, steps + 1):
+    new_params, new_state, grads = step_fn(params, state, make_batch(t))
+    yield t, params, new_params, state, new_state, grads
+    params, state = new_params, new_state
+
+
+def test_update_steps_schedule():
+  is_update = update_steps(update_every=3, start_step=2, end_step=11)
+  assert [t for t in range(1, 20) if is_update(t)] == [5, 8, 11]
+  is_update = update_steps(update_every=100, start_step=0, end_step=300)
+  assert [t for t in range(0, 501, 50) if is_update(t)] == [100, 200, 300]
+
+
+def test_cosine_drop_fraction():
+  schedule = cosine_drop_fraction(0.3, 100, 300)
+  np.testing.assert_allclose([schedule(100), schedule(200), schedule(300), schedule(400)],
+                             [0.3, 0.15, 0.0, 0.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", [sj.set, sj.rigl])
+def test_masks_change_only_at_update_steps_inside_the_window(mlp, method):
+  params, loss = mlp
+  tx = method(optax.sgd(0.1, momentum=0.9), sparsity=0.7, update_every=3, start_step=2,
+              end_step=11, drop_fraction=lambda step: 0.5)  # constant: the cosine ends at 0
+  targets = None
+  changed_at = []
+  for t, _, new_params, before, after, _ in run(tx, params, loss, 16):
+    old, new = sj.masks(before), sj.masks(after)
+    targets = targets or nnz_per_leaf(old)
+    assert nnz_per_leaf(new) == targets
+    if any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))):
+      changed_at.append(t)
+    assert_exactly_sparse(new_params, new)
+  assert changed_at == [5, 8, 11]
+
+
+def test_rigl_update_drops_smallest_and_grows_largest_gradients(mlp):
+  """One mask update checked against a NumPy re-implementation of the paper's rule."""
+  params, loss = mlp
+  tx = sj.rigl(optax.adam(1e-2), sparsity=0.8, distribution="uniform", update_every=4,
+               end_step=100, drop_fraction=0.3)
+  for t, p, new_p, before, after, grads in run(tx, params, loss, 4):
+    if t < 4:
+      continue
+    fraction = float(cosine_drop_fraction(0.3, 0, 100)(4))
+    for name in ("Dense_0", "Dense_1", "Dense_2"):
+      w, g = np.asarray(p[name]["kernel"]).ravel(), np.asarray(grads[name]["kernel"]).ravel()
+      old = np.asarray(sj.masks(before)[name]["kernel"]).ravel()
+      new = np.asarray(sj.masks(after)[name]["kernel"]).ravel()
+      k = min(round(fraction * old.sum()), (~old).sum())
+      active, inactive = np.flatnonzero(old), np.flatnonzero(~old)
+      dropped = active[np.argsort(np.abs(w[active]), kind="stable")[:k]]
+      grown = inactive[np.argsort(-np.abs(g[inactive]), kind="stable")[:k]]
+      expected = old.copy()
+      expected[dropped] = False
+      expected[grown] = True
+      np.testing.assert_array_equal(new, expected)
+      assert k > 0
+      # At a mask-update step weights are not trained (RigL's Algorithm 1); grown = 0.
+      kept = old & new
+      np.testing.assert_array_equal(np.asarray(new_p[name]["kernel"]).ravel()[kept], w[kept])
+      np.testing.assert_array_equal(np.asarray(new_p[name]["kernel"]).ravel()[new & ~old], 0.0)
+
+
+def buffers(state):
+  """The param-shaped buffers of an optax state, by their optax names (momenta, moments)."""
+  found = []
+  for name in ("mu", "nu", "trace"):
+    found += [tree for _, tree in optax.tree_utils.tree_get_all_with_path(state, name)]
+  return found
+
+
+@pytest.mark.parametrize("inner", [
+    optax.adam(1e-2),
+    optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9)),
+    optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2),
+], ids=["adam", "clip+momentum", "inject(adamw)"])
+def test_grown_weights_start_at_zero_with_fresh_optimizer_state(mlp, inner):
+  params, loss = mlp
+  tx = sj.rigl(inner, sparsity=0.7, update_every=3, end_step=100, drop_fraction=0.5)
+  *_, (t, p, new_p, before, after, _) = run(tx, params, loss, 3)
+  old_m, new_m = sj.masks(before), sj.masks(after)
+  grown = [None if n is None else np.asarray(n & ~o)
+           for n, o in zip(mask_leaves(new_m), mask_leaves(old_m), strict=True)]
+  kept = [None if n is None else np.asarray(n & o)
+          for n, o in zip(mask_leaves(new_m), mask_leaves(old_m), strict=True)]
+  assert sum(int(g.sum()) for g in grown if g is not None) > 0
+  old_buffers, new_buffers = buffers(before.inner_state), buffers(after.inner_state)
+  assert old_buffers and len(old_buffers) == len(new_buffers)
+  for old_tree, new_tree in zip(old_buffers, new_buffers, strict=True):
+    for o, n, g, k in zip(jax.tree.leaves(old_tree), jax.tree.leaves(new_tree), grown, kept,
+                          strict=True):
+      if g is None:
+        continue
+      o, n = np.asarray(o), np.asarray(n)
+      np.testing.assert_array_equal(n[g], 0.0)  # reset to the init value (zeros)
+      np.testing.assert_array_equal(n[k], o[k])  # kept weights keep their state
+  # The buffers of active weights were non-zero before: the reset is observable.
+  assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(old_buffers))
+  # Grown weights are exactly 0 in params after the update.
+  for q, g in zip(jax.tree.leaves(new_p), grown, strict=True):
+    if g is not None:
+      np.testing.assert_array_equal(np.asarray(q)[g], 0.0)
+
+
+def test_gmp_follows_the_cubic_schedule_and_never_regrows(mlp):
+  params, loss = mlp
+  start, end, every, final, initial = 2, 14, 3, 0.9, 0.2
+  tx = sj.gmp(optax.sgd(0.1), sparsity=final, initial_sparsity=initial, start_step=start,
+              end_step=end, update_every=every, distribution="uniform")
+  sizes = [320, 192, 48]
+  previous = None
+  for t, _, new_p, _, after, _ in run(tx, params, loss, 18):
+    masks = sj.masks(after)
+    nnz = [n for n in nnz_per_leaf(masks) if n is not None]
+    if t < start:
+      assert nnz == sizes  # dense before pruning starts
+    if t == start or (t > start and (t - start) % every == 0 and t <= end):
+      progress = min(max((t - start) / (end - start), 0), 1)
+      expected = []
+      for size in sizes:
+        f_nnz, i_nnz = round((1 - final) * size), round((1 - initial) * size)
+        expected.append(f_nnz + round((i_nnz - f_nnz) * (1 - progress) ** 3))
+      assert nnz == expected, t
+    if previous is not None:  # pruned weights never come back
+      for a, b in zip(previous, mask_leaves(masks), strict=True):
+        if a is not None:
+          assert not np.any(np.asarray(b) & ~np.asarray(a))
+    previous = mask_leaves(masks)
+    assert_exactly_sparse(new_p, masks)
+  assert nnz == [round((1 - final) * s) for s in sizes]
+
+
+def test_gmp_prunes_the_smallest_weights_after_the_step_update(mlp):
+  params, loss = mlp
+  sgd = optax.sgd(0.1)
+  tx = sj.gmp(sgd, sparsity=0.5, start_step=1, end_step=2, update_every=1,
+              distribution="uniform")
+  step = make_step(tx, loss)
+  p1, state, _ = step(params, tx.init(params), make_batch(1))
+  assert all(m is None or bool(m.all()) for m in mask_leaves(sj.masks(state)))  # s_i = 0
+  p2, state, grads = step(p1, state, make_batch(2))
+  trained = optax.apply_updates(p1, sgd.update(grads, sgd.init(p1))[0])
+  for name, size in (("Dense_0", 320), ("Dense_1", 192), ("Dense_2", 48)):
+    w = np.abs(np.asarray(trained[name]["kernel"])).ravel()
+    expected = np.zeros(size, bool)
+    expected[np.argsort(-w, kind="stable")[:size // 2]] = True
+    m = np.asarray(sj.masks(state)[name]["kernel"]).ravel()
+    np.testing.assert_array_equal(m, expected)
+    np.testing.assert_allclose(np.asarray(p2[name]["kernel"]).ravel(),
+                               np.where(expected, np.asarray(trained[name]["kernel"]).ravel(), 0),
+                               rtol=1e-6)
+
+
+def test_one_shot_prune_magnitude_and_snip(mlp):
+  params, loss = mlp
+  pruned, masks = sj.prune(params, sparsity=0.75)
+  assert nnz_per_leaf(masks) == [None, 80, None, 48, None, 12]
+  w = np.abs(np.asarray(params["Dense_0"]["kernel"]))
+  m = np.asarray(masks["Dense_0"]["kernel"])
+  assert w[m].min() >= w[~m].max()
+  assert_exactly_sparse(pruned, masks)
+  grads = jax.grad(loss)(params)
+  _, snip = sj.prune(params, sparsity=0.75, criterion="snip", grads=grads)
+  s = np.abs(np.asarray(params["Dense_0"]["kernel"] * grads["Dense_0"]["kernel"]))
+  m = np.asarray(snip["Dense_0"]["kernel"])
+  assert s[m].min() >= s[~m].max()
+  with pytest.raises(ValueError, match="needs `grads`"):
+    sj.prune(params, sparsity=0.5, criterion="snip")
+  with pytest.raises(ValueError, match="unknown criterion"):
+    sj.prune(params, sparsity=0.5, criterion="random")
+
+
+def test_from_config_builds_each_method_and_rejects_bad_keys(mlp):
+  import ml_collections
+
+  params, _ = mlp
+  inner = optax.sgd(0.1)
+  cfg = ml_collections.ConfigDict(dict(method="rigl", sparsity=0.9, distribution="erk",
+                                       update_every=10, end_step=100, drop_fraction=0.3, seed=0))
+  state = sj.from_config(cfg, inner).init(params)
+  assert abs(sj.summary(state)["sparsity"] - 0.9) < 1e-3
+  assert sj.from_config({"method": "dense"}, inner) is inner
+  for method in sj.METHODS:
+    kwargs = {"sparsity": 0.5} if method == "static" else {"sparsity": 0.5, "end_step": 10}
+    sj.from_config({"method": method, **kwargs}, inner).init(params)
+  with pytest.raises(ValueError, match="unknown method 'rigel'"):
+    sj.from_config({"method": "rigel", "sparsity": 0.5}, inner)
+  with pytest.raises(ValueError, match="takes no config key 'update_every'"):
+    sj.from_config({"method": "static", "sparsity": 0.5, "update_every": 3}, inner)
+
+
+def test_static_masks_never_change(mlp):
+  params, loss = mlp
+  tx = sj.static_sparse(optax.adam(1e-2), sparsity=0.8)
+  first = None
+  for *_, after, _ in run(tx, params, loss, 5):
+    first = first or sj.masks(after)
+    chex.assert_trees_all_equal(first, sj.masks(after))

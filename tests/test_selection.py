@@ -1,0 +1,55 @@
+"""Exact top-k selection with a traced k."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax.selection import sortable_key, top_k_mask
+
+jitted = jax.jit(top_k_mask)
+
+
+def test_sortable_key_preserves_order():
+  x = np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, np.inf], np.float32)
+  keys = np.asarray(sortable_key(jnp.asarray(x))).astype(np.int64)
+  assert np.all(np.diff(keys) > 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float32, st.integers(1, 40),
+                  elements=st.sampled_from([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0, 7.25])),
+       st.data())
+def test_selects_exactly_k_of_the_best_eligible(scores, data):
+  eligible = data.draw(hnp.arrays(np.bool_, scores.shape))
+  k = data.draw(st.integers(0, scores.size))
+  chosen = np.asarray(jitted(jnp.asarray(scores), k, jnp.asarray(eligible)))
+  assert chosen.sum() == min(k, eligible.sum())
+  assert not np.any(chosen & ~eligible)
+  rest = eligible & ~chosen
+  if chosen.any() and rest.any():
+    assert scores[chosen].min() >= scores[rest].max()
+  # Ties are broken by index: among equal scores, lower indices win.
+  if chosen.any() and rest.any():
+    boundary = scores[chosen].min()
+    tied_chosen = np.flatnonzero(chosen & (scores == boundary))
+    tied_rest = np.flatnonzero(rest & (scores == boundary))
+    if tied_rest.size:
+      assert tied_chosen.max() < tied_rest.min()
+
+
+def test_matches_argsort_on_distinct_scores():
+  scores = jax.random.normal(jax.random.PRNGKey(0), (37, 11))
+  for k in (0, 1, 13, 200, 407):
+    expected = np.zeros(scores.size, bool)
+    expected[np.argsort(-np.asarray(scores).ravel())[:k]] = True
+    np.testing.assert_array_equal(np.asarray(jitted(scores, k)).ravel(), expected)
+
+
+def test_traced_k_and_jit_agree_with_eager():
+  scores = jax.random.normal(jax.random.PRNGKey(1), (100,))
+  eligible = scores > -0.5
+  for k in (5, 50):
+    np.testing.assert_array_equal(top_k_mask(scores, k, eligible), jitted(scores, k, eligible))

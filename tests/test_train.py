@@ -1,0 +1,177 @@
+"""Tests of the models and the training loop, on small synthetic data."""
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import fashion_mnist
+import sparsejax
+from sparsejax.train import get_model, loop
+
+NUM_TRAIN, NUM_TEST = 256, 70  # NUM_TEST is not a multiple of eval_batch_size: padding is used
+
+
+def synthetic_data(seed: int = 0) -> dict:
+  """Images whose mean brightness encodes the label, so a few steps learn something."""
+  rng = np.random.default_rng(seed)
+
+  def split(n):
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    images = rng.uniform(0, 0.2, (n, 28, 28, 1)) + labels[:, None, None, None] / 12.0
+    return {"image": images.astype(np.float32), "label": labels}
+
+  return {"train": split(NUM_TRAIN), "test": split(NUM_TEST)}
+
+
+@pytest.fixture(scope="module")
+def data():
+  return synthetic_data()
+
+
+def small_config(arg: str = "rigl", **overrides):
+  config = fashion_mnist.get_config(arg)
+  config.batch_size = 32
+  config.num_steps = 30
+  config.eval_batch_size = 32
+  if "update_every" in config.sparse:
+    config.sparse.update_every = 5
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def assert_exactly_sparse(params, opt_state):
+  masks = sparsejax.masks(opt_state)
+  flat_masks = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
+  flat_params = jax.tree.leaves(params)
+  assert len(flat_masks) == len(flat_params)
+  for mask, param in zip(flat_masks, flat_params):
+    if mask is not None:
+      assert mask.shape == param.shape
+      assert not np.any(np.asarray(param)[~np.asarray(mask)])
+
+
+def test_models_shapes():
+  x = jax.ShapeDtypeStruct((2, 28, 28, 1), np.float32)
+  key = jax.random.PRNGKey(0)
+  for name, kernels in [("lenet300100", [(784, 300), (300, 100), (100, 10)]),
+                        ("lenet5", [(5, 5, 1, 20), (5, 5, 20, 50), (800, 500), (500, 10)])]:
+    model = get_model(name)
+    params = jax.eval_shape(model.init, key, x)["params"]
+    assert [p["kernel"].shape for p in params.values()] == kernels
+    assert jax.eval_shape(model.apply, {"params": params}, x).shape == (2, 10)
+  with pytest.raises(ValueError, match="unknown model"):
+    get_model("resnet")
+
+
+@pytest.mark.parametrize("method", ["rigl", "gmp"])
+def test_sparse_training_is_exactly_sparse(data, method):
+  experiment = loop.setup(small_config(method, num_steps=40), data)
+  end_step = experiment.config.sparse.end_step
+  assert end_step == 30  # 75 % of 40 steps (gmp: rounded down to a multiple of update_every)
+  result = loop.train(experiment)
+  assert result.steps == 40 and np.isfinite(result.train_loss)
+  assert_exactly_sparse(result.params, result.opt_state)
+  assert sparsejax.summary(result.opt_state)["sparsity"] == pytest.approx(0.9, abs=1e-4)
+  accuracy = loop.evaluate(experiment, result.params)
+  assert 0.0 <= accuracy <= 1.0
+
+
+def test_train_and_evaluate_dense_learns(data):
+  result = loop.train_and_evaluate(small_config("dense", num_steps=-1, num_epochs=3), data)
+  assert set(result) == {"method", "sparsity", "test_accuracy", "train_loss", "steps", "seconds"}
+  assert result["method"] == "dense" and result["sparsity"] == 0.0
+  assert result["steps"] == 3 * (NUM_TRAIN // 32) and np.isfinite(result["train_loss"])
+  assert result["test_accuracy"] > 0.2  # chance is 0.1
+
+
+def test_lenet5_static_adam(data):
+  config = small_config("static,lenet5", num_steps=2, batch_size=8, optimizer="adam")
+  result = loop.train_and_evaluate(config, data)
+  assert result["method"] == "static" and result["steps"] == 2
+  assert result["sparsity"] == pytest.approx(0.9, abs=1e-4)
+  assert 0.0 <= result["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("model", "vgg", "config.model"),
+    ("batch_size", 0, "config.batch_size"),
+    ("batch_size", 10_000, "config.batch_size"),
+    ("eval_batch_size", -1, "config.eval_batch_size"),
+    ("optimizer", "lamb", "config.optimizer"),
+    ("learning_rate", 0.0, "config.learning_rate"),
+    ("momentum", 1.0, "config.momentum"),
+])
+def test_bad_config_fails_before_training(data, monkeypatch, key, value, match):
+  monkeypatch.setattr(loop, "train", lambda *a: pytest.fail("training started"))
+  config = small_config()
+  config.unlock()
+  config[key] = value
+  with pytest.raises(ValueError, match=match):
+    loop.train_and_evaluate(config, data)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("sparsity", 1.5, "sparsity must be in"),
+    ("distribution", "xx", "unknown distribution"),
+    ("method", "magic", "unknown method"),
+    ("nonsense", 1, "takes no config key"),
+])
+def test_bad_sparse_config_fails_before_training(data, monkeypatch, key, value, match):
+  monkeypatch.setattr(loop, "train", lambda *a: pytest.fail("training started"))
+  config = small_config()
+  config.sparse[key] = value
+  with pytest.raises(ValueError, match=f"config.sparse: .*{match}"):
+    loop.train_and_evaluate(config, data)
+
+
+def test_missing_key():
+  config = small_config()
+  del config["num_steps"]
+  with pytest.raises(ValueError, match="config.num_steps is missing"):
+    loop.validate_config(config)
+
+
+def test_resolve_sparse_end_step():
+  rigl = fashion_mnist.get_config("rigl").sparse
+  assert loop.resolve_sparse(rigl, 4680)["end_step"] == 3510
+  gmp = fashion_mnist.get_config("gmp").sparse
+  assert loop.resolve_sparse(gmp, 4680)["end_step"] == 3500
+  gmp.end_step = 1234
+  assert loop.resolve_sparse(gmp, 4680)["end_step"] == 1234  # explicit values are kept
+  gmp.end_step = -1
+  with pytest.raises(ValueError, match="update_every"):
+    loop.resolve_sparse(gmp, 100)
+
+
+def test_with_method_keeps_accepted_keys():
+  config = fashion_mnist.get_config("rigl")
+  config.sparse.sparsity = 0.8
+  static = loop.with_method(config, "static").sparse.to_dict()
+  assert static == {"method": "static", "sparsity": 0.8, "distribution": "erk", "seed": 0}
+  gmp = loop.with_method(config, "gmp").sparse
+  assert gmp.end_step == -1 and gmp.update_every == 100 and "drop_fraction" not in gmp
+  rigl = loop.with_method(loop.with_method(config, "static"), "rigl").sparse
+  assert rigl.end_step == -1 and rigl.sparsity == 0.8
+  assert loop.with_method(config, "dense").sparse.to_dict() == {"method": "dense"}
+  assert config.sparse.method == "rigl"  # the input is not modified
+  with pytest.raises(ValueError, match="sparsity"):
+    loop.with_method(fashion_mnist.get_config("dense"), "rigl")
+
+
+@pytest.mark.parametrize("arg", fashion_mnist.METHODS)
+def test_configs_build(arg):
+  """Every config's sparse section matches its method's signature."""
+  config = fashion_mnist.get_config(arg)
+  loop.validate_config(config)
+  sparse = loop.resolve_sparse(config.sparse, 1000)
+  assert sparsejax.from_config(sparse, loop.make_optimizer(config)) is not None
+
+
+def test_config_argument_errors():
+  assert fashion_mnist.get_config().sparse.method == "rigl"
+  assert fashion_mnist.get_config("gmp,lenet5").model == "lenet5"
+  with pytest.raises(ValueError, match="unknown method"):
+    fashion_mnist.get_config("foo")
+  with pytest.raises(ValueError, match="unknown model"):
+    fashion_mnist.get_config("rigl,vgg")

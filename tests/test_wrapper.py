@@ -1,0 +1,194 @@
+"""The core contract: params exactly sparse after apply_updates alone, with any inner optimizer."""
+
+import chex
+from conftest import assert_exactly_sparse, make_batch, make_step, mask_leaves, nnz_per_leaf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sparsejax as sj
+from sparsejax.masks import leaf_names
+
+INNER = {
+    "sgd": lambda: optax.sgd(0.1),
+    "momentum": lambda: optax.sgd(0.1, momentum=0.9),
+    "adam": lambda: optax.adam(1e-2),
+    "adamw": lambda: optax.adamw(1e-2, weight_decay=1e-2),
+    "clip+adamw": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)),
+    "inject(adam)": lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
+}
+
+
+def methods(inner):
+  kw = dict(sparsity=0.8, update_every=2, end_step=6, seed=3)
+  return {
+      "static": sj.static_sparse(inner, sparsity=0.8, seed=3),
+      "set": sj.set(inner, **kw),
+      "rigl": sj.rigl(inner, **kw),
+      "gmp": sj.gmp(inner, sparsity=0.8, update_every=2, end_step=6),
+  }
+
+
+@pytest.mark.parametrize("inner_name", list(INNER))
+@pytest.mark.parametrize("method", ["static", "set", "rigl", "gmp"])
+def test_exact_nnz_and_zeros_after_every_step(mlp, method, inner_name):
+  params, loss = mlp
+  tx = methods(INNER[inner_name]())[method]
+  state = tx.init(params)
+  targets = nnz_per_leaf(sj.masks(state))
+  step = make_step(tx, loss)
+  for i in range(8):
+    before = params
+    params, state, _ = step(params, state, make_batch(i))
+    masks = sj.masks(state)
+    assert_exactly_sparse(params, masks)
+    if method != "gmp":
+      assert nnz_per_leaf(masks) == targets
+    # Exactly the kernels are masked; biases stay dense.
+    assert [m is None for m in mask_leaves(masks)] == [p.ndim < 2 for p in
+                                                         jax.tree.leaves(params)]
+  chex.assert_trees_all_equal_shapes(params, before)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.floats(0.0, 0.95), st.sampled_from(["uniform", "er", "erk"]), st.integers(0, 99))
+def test_first_update_applies_the_initial_mask(mlp, sparsity, distribution, seed):
+  params, loss = mlp
+  tx = sj.static_sparse(optax.sgd(0.0), sparsity=sparsity, distribution=distribution, seed=seed)
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  updates, state = tx.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  masks = sj.masks(state)
+  # lr 0: active weights keep their value, inactive ones are exactly 0.
+  for p, q, m in zip(jax.tree.leaves(params), jax.tree.leaves(new), mask_leaves(masks),
+                     strict=True):
+    expected = p if m is None else jnp.where(m, p, 0.0)
+    np.testing.assert_array_equal(q, expected)
+  summary = sj.summary(state)
+  assert summary["nnz"] == round((1 - sparsity) * summary["size"])
+
+
+def test_dense_leaves_follow_the_inner_optimizer_exactly(mlp):
+  params, loss = mlp
+  inner = optax.adam(1e-2)
+  tx = sj.static_sparse(inner, sparsity=0.5)
+  grads = jax.grad(loss)(params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  reference, _ = inner.update(grads, inner.init(params), params)
+  np.testing.assert_array_equal(updates["Dense_1"]["bias"], reference["Dense_1"]["bias"])
+
+
+def test_gradients_of_inactive_weights_do_not_reach_the_inner_optimizer(mlp):
+  params, loss = mlp
+  tx = sj.static_sparse(optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(1.0)),
+                        sparsity=0.9)
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  masked = jax.tree.map(lambda g, m: g if m is None else jnp.where(m, g, 0.0), grads,
+                        sj.masks(state), is_leaf=lambda x: x is None)
+  norm = optax.tree.norm(masked)
+  updates, _ = tx.update(grads, state, params)
+  # The global norm is computed over active gradients only.
+  active = jax.tree.map(lambda u, m: u if m is None else u[m], updates, sj.masks(state),
+                        is_leaf=lambda x: x is None)
+  np.testing.assert_allclose(optax.tree.norm(active), min(float(norm), 1e-3), rtol=1e-5)
+
+
+def test_masks_found_when_nested_in_a_chain(mlp):
+  params, _ = mlp
+  tx = optax.chain(optax.identity(), sj.static_sparse(optax.sgd(0.1), sparsity=0.5))
+  masks = sj.masks(tx.init(params))
+  assert masks["Dense_0"]["bias"] is None
+  chex.assert_shape(masks["Dense_0"]["kernel"], params["Dense_0"]["kernel"].shape)
+  assert masks["Dense_0"]["kernel"].dtype == jnp.bool_
+
+
+def test_summary_counts_masks_not_zero_values(mlp):
+  params, loss = mlp
+  tx = sj.static_sparse(optax.sgd(0.1), sparsity=0.75, distribution="uniform")
+  state = tx.init(params)
+  summary = sj.summary(state)  # params are still dense here: counted from masks
+  assert summary["layers"]["Dense_0/kernel"] == {"nnz": 80, "size": 320, "sparsity": 0.75}
+  assert summary["size"] == 320 + 192 + 48
+  assert summary["nnz"] == 140
+
+
+def test_seed_reproducible_and_seeds_differ(mlp):
+  params, loss = mlp
+  def run(seed):
+    tx = sj.set(optax.sgd(0.1), sparsity=0.8, update_every=1, end_step=4, seed=seed)
+    state = tx.init(params)
+    step, p = make_step(tx, loss), params
+    for i in range(4):
+      p, state, _ = step(p, state, make_batch(i))
+    return sj.masks(state), p
+  (m1, p1), (m2, p2), (m3, _) = run(0), run(0), run(1)
+  chex.assert_trees_all_equal(m1, m2)
+  chex.assert_trees_all_equal(p1, p2)
+  assert not np.array_equal(m1["Dense_0"]["kernel"], m3["Dense_0"]["kernel"])
+
+
+def test_jit_and_eager_agree(mlp):
+  params, loss = mlp
+  tx = sj.rigl(optax.adam(1e-2), sparsity=0.8, update_every=2, end_step=8)
+  results = []
+  for jit in (True, False):
+    p, state = params, tx.init(params)
+    step = make_step(tx, loss, jit=jit)
+    for i in range(5):
+      p, state, _ = step(p, state, make_batch(i))
+    results.append((p, sj.masks(state)))
+  chex.assert_trees_all_equal(results[0][1], results[1][1])
+  chex.assert_trees_all_close(results[0][0], results[1][0], atol=1e-6)
+
+
+def test_update_without_params_is_a_clear_error(mlp):
+  params, loss = mlp
+  tx = sj.static_sparse(optax.sgd(0.1), sparsity=0.5)
+  with pytest.raises(ValueError, match="need `params`"):
+    tx.update(jax.grad(loss)(params), tx.init(params))
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: sj.rigl(optax.sgd(1), sparsity=1.0, end_step=10), r"sparsity must be in \[0, 1\)"),
+    (lambda: sj.set(optax.sgd(1), sparsity=-0.1, end_step=10), r"sparsity must be in \[0, 1\)"),
+    (lambda: sj.static_sparse(optax.sgd(1), sparsity=0.5, distribution="erdos"),
+     "unknown distribution 'erdos'"),
+    (lambda: sj.rigl(optax.sgd(1), sparsity=0.5, start_step=10, end_step=10),
+     r"end_step \(10\) must be greater than start_step \(10\)"),
+    (lambda: sj.gmp(optax.sgd(1), sparsity=0.5, end_step=0), "end_step"),
+    (lambda: sj.rigl(optax.sgd(1), sparsity=0.5, end_step=10, update_every=0), "update_every"),
+])
+def test_bad_arguments_fail_at_construction_with_one_line(build, match):
+  with pytest.raises(ValueError, match=match) as info:
+    build()
+  assert "\n" not in str(info.value)
+
+
+def test_unknown_path_in_mapping_fails_at_init(mlp):
+  params, _ = mlp
+  tx = sj.static_sparse(optax.sgd(1), sparsity=0.5, distribution={"Dense_9/kernel": 0.5})
+  with pytest.raises(ValueError, match=r"\['Dense_9/kernel'\]") as info:
+    tx.init(params)
+  assert "\n" not in str(info.value)
+
+
+def test_dense_predicate_and_mapping_by_path(mlp):
+  params, _ = mlp
+  tx = sj.static_sparse(optax.sgd(1), sparsity=0.5, distribution={"Dense_1/kernel": 0.25},
+                        dense=lambda path, leaf: leaf.ndim < 2 or path.startswith("Dense_2"))
+  layers = sj.summary(tx.init(params))["layers"]
+  assert set(layers) == {"Dense_0/kernel", "Dense_1/kernel"}
+  assert layers["Dense_1/kernel"]["nnz"] == 144 and layers["Dense_0/kernel"]["nnz"] == 160
+  with pytest.raises(ValueError, match="nothing to sparsify"):
+    sj.static_sparse(optax.sgd(1), sparsity=0.5, dense=lambda p, x: True).init(params)
+
+
+def test_path_names():
+  tree = {"params": {"Dense_0": {"kernel": jnp.ones((2, 2))}}, "list": [jnp.ones(3)]}
+  assert leaf_names(tree) == ["list/0", "params/Dense_0/kernel"]
