@@ -35,7 +35,7 @@ def from_config(cfg: Any, inner: optax.GradientTransformation
   Raises:
     ValueError: for an unknown method or a key the method does not take.
   """
-  kwargs = dict(cfg.items())
+  kwargs = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
   method = kwargs.pop("method", None)
   if method == "dense":
     return inner

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import math
+import numbers
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
 
 
 def check_sparsity(sparsity: float, name: str = "sparsity") -> None:
   """Raises ValueError unless ``0 <= sparsity < 1``."""
-  if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+  if not isinstance(sparsity, numbers.Real) or not 0.0 <= sparsity < 1.0:
     raise ValueError(f"{name} must be in [0, 1), got {sparsity!r}")
 
 

@@ -214,3 +214,20 @@ def test_static_masks_never_change(mlp):
   for *_, after, _ in run(tx, params, loss, 5):
     first = first or sj.masks(after)
     chex.assert_trees_all_equal(first, sj.masks(after))
+
+
+def test_gmp_reaches_final_sparsity_when_end_step_is_off_the_grid(mlp):
+  params, loss = mlp
+  tx = sj.gmp(optax.sgd(0.1), sparsity=0.9, end_step=7, update_every=3, distribution="uniform")
+  *_, (_, _, _, _, after, _) = run(tx, params, loss, 7)
+  assert sj.summary(after)["nnz"] == round(0.1 * 320) + round(0.1 * 192) + round(0.1 * 48)
+
+
+def test_from_config_accepts_nested_config_dicts_and_numpy_numbers(mlp):
+  import ml_collections
+
+  params, _ = mlp
+  cfg = ml_collections.ConfigDict(
+      dict(method="static", sparsity=np.float32(0.5), distribution={"Dense_0/kernel": 0.75}))
+  layers = sj.summary(sj.from_config(cfg, optax.sgd(0.1)).init(params))["layers"]
+  assert layers["Dense_0/kernel"]["nnz"] == 80 and layers["Dense_1/kernel"]["nnz"] == 96

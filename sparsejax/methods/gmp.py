@@ -24,8 +24,8 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
 
   Layer l's sparsity follows s_t = s_l + (s_i − s_l)(1 − (t − start)/(end − start))³,
   with s_l its final sparsity from ``distribution``; pruned weights never return.
-  Pruning happens at ``start_step`` (if ≥ 1) and every ``update_every`` steps after,
-  up to ``end_step``, right after that step's weight update.
+  Pruning happens at ``start_step`` (if ≥ 1), every ``update_every`` steps after it
+  and at ``end_step``, right after that step's weight update.
 
   Args:
     inner: the optimizer to wrap.
@@ -59,7 +59,7 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
                         nnz_targets(params, sparsity, distribution, dense))
 
   def is_update_step(step):
-    return periodic(step) | (step == max(start_step, 1))
+    return periodic(step) | (step == max(start_step, 1)) | (step == end_step)
 
   def update_masks(inputs: ScoreInputs):
     def prune(mask, final_nnz, param):

@@ -3,6 +3,7 @@
 from sparsejax.train.loop import (
     Experiment,
     TrainResult,
+    build_optimizer,
     evaluate,
     run,
     setup,
@@ -18,6 +19,7 @@ __all__ = [
     "LeNet300100",
     "LeNet5Caffe",
     "TrainResult",
+    "build_optimizer",
     "evaluate",
     "get_model",
     "run",

@@ -16,9 +16,7 @@ Config keys (see ``experiments/configs/fashion_mnist.py``): ``model``, ``optimiz
 sparsejax method name under ``method`` plus its keywords.
 
 ``sparse.end_step = -1`` is a placeholder for 75 % of the total steps (RigL's
-choice). For "gmp" it is rounded down to ``start_step + k * update_every``:
-gmp only prunes on those steps, so an ``end_step`` between two of them would never
-reach the final sparsity.
+choice).
 """
 
 from __future__ import annotations
@@ -134,23 +132,21 @@ def resolve_sparse(sparse: Mapping[str, Any], num_steps: int) -> dict[str, Any]:
 
   Returns:
     The keywords for :func:`sparsejax.from_config`.
-
-  Raises:
-    ValueError: when gmp's ``update_every`` leaves no pruning step before ``end_step``.
   """
   resolved = sparse.to_dict() if isinstance(sparse, ml_collections.ConfigDict) else dict(sparse)
-  if resolved.get("end_step") != END_STEP_PLACEHOLDER:
-    return resolved
-  end_step = round(END_STEP_FRACTION * num_steps)
-  if resolved["method"] == "gmp":
-    start = resolved.get("start_step", 0)
-    every = resolved.get("update_every", 100)
-    periods = (end_step - start) // every if _is_int(every) and every > 0 else 0
-    _check(periods >= 1, "sparse.update_every", f"({every}) leaves no pruning step between "
-           f"start_step ({start}) and 75% of the {num_steps} training steps; lower it")
-    end_step = start + periods * every
-  resolved["end_step"] = end_step
+  if resolved.get("end_step") == END_STEP_PLACEHOLDER:
+    resolved["end_step"] = round(END_STEP_FRACTION * num_steps)
   return resolved
+
+
+def _warn_if_static(sparse: Mapping[str, Any]) -> None:
+  """Logs a warning when a dynamic method's window holds no mask update."""
+  if "end_step" not in sparse or sparse["method"] == "gmp":  # gmp also prunes at step 1
+    return
+  first = sparse.get("start_step", 0) + sparse.get("update_every", 100)
+  if sparse["end_step"] < first:
+    logging.warning("%s: end_step %d comes before the first mask update (step %d): the masks "
+                    "will not change", sparse["method"], sparse["end_step"], first)
 
 
 def with_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
@@ -218,6 +214,30 @@ def _correct_fn(model_name: str):
   return correct
 
 
+def build_optimizer(config: ml_collections.ConfigDict, num_train: int
+                    ) -> tuple[optax.GradientTransformation, dict[str, Any], int]:
+  """Builds the optimizer of ``config`` without compiling anything (a cheap config check).
+
+  Args:
+    config: a config that passed :func:`validate_config`.
+    num_train: number of training examples.
+
+  Returns:
+    ``(tx, sparse, num_steps)``: the optimizer, the resolved ``sparse`` keywords and
+    the total number of training steps.
+
+  Raises:
+    ValueError: for a bad ``batch_size`` or ``sparse`` section.
+  """
+  num_steps = total_steps(config, num_train)
+  sparse = resolve_sparse(config.sparse, num_steps)
+  try:
+    tx = sparsejax.from_config(sparse, make_optimizer(config))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.sparse: {e}") from e
+  return tx, sparse, num_steps
+
+
 def setup(config: ml_collections.ConfigDict, data: Data | None = None) -> Experiment:
   """Validates ``config``, loads the data, and builds the model, optimizer and states.
 
@@ -237,12 +257,8 @@ def setup(config: ml_collections.ConfigDict, data: Data | None = None) -> Experi
   validate_config(config)
   if data is None:
     data = load_idx_dataset(config.get("dataset", "fashion_mnist"), config.get("data_dir"))
-  num_steps = total_steps(config, len(data["train"]["label"]))
-  sparse = resolve_sparse(config.sparse, num_steps)
-  try:
-    tx = sparsejax.from_config(sparse, make_optimizer(config))
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"config.sparse: {e}") from e
+  tx, sparse, num_steps = build_optimizer(config, len(data["train"]["label"]))
+  _warn_if_static(sparse)
   model = get_model(config.model)
   params = _init_fn(config.model)(jax.random.PRNGKey(config.seed),
                                   data["train"]["image"][:1])["params"]

@@ -1,0 +1,1 @@
+"""Experiments: ml_collections configs and the training entry point."""
