@@ -2,6 +2,7 @@
 
 from sparsejax.config import METHODS, from_config
 from sparsejax.masks import keep_small_leaves_dense, masks, summary
+from sparsejax.methods.dst import dst, thresholds
 from sparsejax.methods.gmp import gmp
 from sparsejax.methods.prune import prune
 from sparsejax.methods.rigl import rigl
@@ -15,6 +16,7 @@ __all__ = [
     "METHODS",
     "SparseState",
     "Topology",
+    "dst",
     "from_config",
     "gmp",
     "keep_small_leaves_dense",
@@ -25,4 +27,5 @@ __all__ = [
     "sparse_wrapper",
     "static_sparse",
     "summary",
+    "thresholds",
 ]

@@ -7,7 +7,7 @@ from typing import Any
 
 import optax
 
-from sparsejax.methods import gmp, rigl, static
+from sparsejax.methods import dst, gmp, rigl, static
 from sparsejax.methods import set as set_method
 
 METHODS = {
@@ -15,6 +15,7 @@ METHODS = {
     "set": set_method.set,
     "rigl": rigl.rigl,
     "gmp": gmp.gmp,
+    "dst": dst.dst,
 }
 
 

@@ -101,7 +101,7 @@ def random_masks(key: jax.Array, params: Any, nnz: Any) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
-def _pure(tree: Any) -> Any:
+def unbox(tree: Any) -> Any:
   """Strips flax.nnx Variable boxes (as in ``nnx.Optimizer.opt_state``)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   return nnx.as_pure(tree)
@@ -117,7 +117,7 @@ def masks(opt_state: optax.OptState) -> Any:
   Returns:
     A pytree like the params: bool arrays for masked leaves, None for dense ones.
   """
-  return optax.tree_utils.tree_get(_pure(opt_state), "masks")
+  return optax.tree_utils.tree_get(unbox(opt_state), "masks")
 
 
 def summary(opt_state: optax.OptState) -> dict[str, Any]:

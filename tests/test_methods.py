@@ -199,7 +199,8 @@ def test_from_config_builds_each_method_and_rejects_bad_keys(mlp):
   assert abs(sj.summary(state)["sparsity"] - 0.9) < 1e-3
   assert sj.from_config({"method": "dense"}, inner) is inner
   for method in sj.METHODS:
-    kwargs = {"sparsity": 0.5} if method == "static" else {"sparsity": 0.5, "end_step": 10}
+    kwargs = {"static": {"sparsity": 0.5}, "dst": {"alpha": 1e-3}}.get(
+        method, {"sparsity": 0.5, "end_step": 10})
     sj.from_config({"method": method, **kwargs}, inner).init(params)
   with pytest.raises(ValueError, match="unknown method 'rigel'"):
     sj.from_config({"method": "rigel", "sparsity": 0.5}, inner)

@@ -1,0 +1,142 @@
+"""DST (Liu et al., ICLR 2020): trainable per-neuron thresholds, long-tailed estimator.
+
+Each masked leaf W has a threshold vector t over its last axis (output units) and
+uses M = 1[|W| − t > 0]. The latent dense W and t live in the optimizer state; the
+params hold W ⊙ M. From g = ∂L/∂(W ⊙ M) the step's estimator gives
+
+  ∂L/∂W = g ⊙ M + g ⊙ W ⊙ H(|W| − t) ⊙ sign(W)
+  ∂L/∂t = −Σ_{all axes but last} g ⊙ W ⊙ H(|W| − t) − α·exp(−t)
+
+(the last term is the gradient of the regulariser α·Σ exp(−t)). The inner optimizer
+updates (W, t) together, so weight decay in it reaches the thresholds as in the
+official code. A leaf whose density falls to ``recovery_density`` or below has its
+thresholds reset to 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax.masks import DensePredicate, keep_small_leaves_dense, masked_leaves, unbox
+
+
+class DSTState(NamedTuple):
+  """State of :func:`dst`: latent weights, thresholds, masks and the inner state."""
+  step: jax.Array  # optimizer steps taken so far (int32)
+  weights: Any  # latent dense W per masked leaf, None for dense leaves
+  thresholds: Any  # one threshold per output unit of each masked leaf, None for dense
+  masks: Any  # 1[|W| − t > 0] per masked leaf, None for dense leaves
+  inner_state: optax.OptState  # of the inner optimizer over (weights, thresholds)
+
+
+def long_tailed_estimator(x: jax.Array) -> jax.Array:
+  """H(x): 2 − 4|x| for |x| ≤ 0.4, 0.4 for 0.4 < |x| ≤ 1, 0 beyond."""
+  a = jnp.abs(x)
+  return jnp.where(a <= 0.4, 2.0 - 4.0 * a, jnp.where(a <= 1.0, 0.4, 0.0)).astype(x.dtype)
+
+
+def threshold_masks(weights: Any, thresholds: Any) -> Any:
+  """M = 1[|W| − t > 0] per masked leaf (t broadcast over all axes but the last)."""
+  return jax.tree.map(lambda w, t: None if t is None else jnp.abs(w) - t > 0, weights, thresholds,
+                      is_leaf=lambda x: x is None)
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def weight_grad(g: jax.Array, w: jax.Array, t: jax.Array, m: jax.Array) -> jax.Array:
+  """∂L/∂W = g ⊙ M + g ⊙ W ⊙ H(|W| − t) ⊙ sign(W), from g = ∂L/∂(W ⊙ M)."""
+  return jnp.where(m, g, 0.0) + g * jnp.abs(w) * long_tailed_estimator(jnp.abs(w) - t)
+
+
+def threshold_grad(g: jax.Array, w: jax.Array, t: jax.Array, alpha: float) -> jax.Array:
+  """∂L/∂t = −Σ_{all axes but last} g ⊙ W ⊙ H(|W| − t) − α·exp(−t)."""
+  h = long_tailed_estimator(jnp.abs(w) - t)
+  return -jnp.sum(g * w * h, axis=tuple(range(w.ndim - 1))) - alpha * jnp.exp(-t)
+
+
+def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
+        recovery_density: float = 0.01,
+        dense: DensePredicate = keep_small_leaves_dense) -> optax.GradientTransformationExtraArgs:
+  """Dynamic Sparse Training with trainable masked layers.
+
+  Thresholds start at 0, so the model starts dense; the regulariser
+  ``alpha · Σ exp(−t)`` pushes them up (larger alpha → sparser).
+
+  Args:
+    inner: the optimizer updating latent weights and thresholds together.
+    alpha: strength of the threshold regulariser (5e-4 for MNIST LeNets).
+    recovery_density: a leaf at or below this density gets its thresholds reset to 0.
+    dense: predicate ``(path, leaf) -> bool`` of leaves kept dense.
+
+  Returns:
+    An optax transformation with a :class:`DSTState`; ``update`` needs ``params``.
+  """
+  if alpha < 0:
+    raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+  if not 0.0 <= recovery_density < 1.0:
+    raise ValueError(f"recovery_density must be in [0, 1), got {recovery_density!r}")
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    flags = masked_leaves(params, dense)
+    if not any(jax.tree.leaves(flags)):
+      raise ValueError("the `dense` predicate keeps every parameter dense: nothing to sparsify")
+    weights = jax.tree.map(lambda p, f: p if f else None, params, flags)
+    thresholds = jax.tree.map(lambda p, f: jnp.zeros(jnp.shape(p)[-1:], jnp.result_type(p))
+                              if f else None, params, flags)
+    merged = jax.tree.map(lambda w, p: p if w is None else w, weights, params, is_leaf=_is_none)
+    return DSTState(step=jnp.zeros((), jnp.int32), weights=weights, thresholds=thresholds,
+                    masks=threshold_masks(weights, thresholds),
+                    inner_state=inner.init((merged, thresholds)))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("sparsejax methods need `params` in tx.update(grads, state, params)")
+    weights = jax.tree.map(lambda w, p: p if w is None else w, state.weights, params,
+                           is_leaf=_is_none)
+    grad_w = jax.tree.map(lambda t, g, w, m: g if t is None else weight_grad(g, w, t, m),
+                          state.thresholds, updates, weights, state.masks, is_leaf=_is_none)
+    grad_t = jax.tree.map(lambda t, g, w: None if t is None else threshold_grad(g, w, t, alpha),
+                          state.thresholds, updates, weights, is_leaf=_is_none)
+    (upd_w, upd_t), inner_state = inner.update(
+        (grad_w, grad_t), state.inner_state, (weights, state.thresholds), **extra_args)
+    new_w, new_t = optax.apply_updates((weights, state.thresholds), (upd_w, upd_t))
+    new_t = jax.tree.map(lambda t, w: None if t is None else _recover(t, w), new_t, new_w,
+                         is_leaf=_is_none)
+    new_masks = threshold_masks(new_w, new_t)
+
+    def param_update(m_old, m_new, u, w, p):
+      if m_new is None:
+        return u
+      # Active before and after: p + u equals the latent W + u exactly; otherwise jump.
+      return jnp.where(m_old & m_new, u, jnp.where(m_new, w, 0.0) - p).astype(u.dtype)
+
+    out = jax.tree.map(param_update, state.masks, new_masks, upd_w, new_w, params,
+                       is_leaf=_is_none)
+    latent = jax.tree.map(lambda t, w: None if t is None else w, new_t, new_w, is_leaf=_is_none)
+    return out, DSTState(state.step + 1, latent, new_t, new_masks, inner_state)
+
+  def _recover(t, w):
+    density = jnp.mean(jnp.abs(w) - t > 0)
+    return jnp.where(density <= recovery_density, jnp.zeros_like(t), t)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def thresholds(opt_state: optax.OptState) -> Any:
+  """The threshold pytree of the :func:`dst` state found anywhere in ``opt_state``.
+
+  Args:
+    opt_state: a DST state, possibly nested or boxed by ``flax.nnx.Optimizer``.
+
+  Returns:
+    A pytree like the params: a vector per masked leaf (one entry per output unit),
+    None for dense leaves.
+  """
+  return optax.tree_utils.tree_get(unbox(opt_state), "thresholds")
