@@ -232,3 +232,22 @@ def test_from_config_accepts_nested_config_dicts_and_numpy_numbers(mlp):
       dict(method="static", sparsity=np.float32(0.5), distribution={"Dense_0/kernel": 0.75}))
   layers = sj.summary(sj.from_config(cfg, optax.sgd(0.1)).init(params))["layers"]
   assert layers["Dense_0/kernel"]["nnz"] == 80 and layers["Dense_1/kernel"]["nnz"] == 96
+
+
+@pytest.mark.parametrize("method", [sj.set, sj.rigl])
+def test_dropped_weights_are_not_regrown_in_the_same_update(mlp, method):
+  params, loss = mlp
+  # Drop fraction 1 at density 0.3: every active weight is dropped and as many grown.
+  # If a just-dropped weight could be regrown, the new mask would overlap the old one
+  # (RigL would regrow the largest-gradient ones, which include active weights).
+  tx = method(optax.sgd(0.1), sparsity=0.7, distribution="uniform", update_every=2,
+              end_step=10, drop_fraction=lambda step: 1.0)
+  *_, (_, _, new_p, before, after, _) = run(tx, params, loss, 2)
+  for old, new in zip(mask_leaves(sj.masks(before)), mask_leaves(sj.masks(after)), strict=True):
+    if old is not None:
+      assert not np.any(np.asarray(old) & np.asarray(new))
+      assert int(old.sum()) == int(new.sum())
+  assert_exactly_sparse(new_p, sj.masks(after))
+  for p, m in zip(jax.tree.leaves(new_p), mask_leaves(sj.masks(after)), strict=True):
+    if m is not None:
+      np.testing.assert_array_equal(p, 0.0)  # all grown: exactly 0
