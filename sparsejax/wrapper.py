@@ -5,6 +5,11 @@
 mask is False. A :class:`Topology` says how masks start and how they change; the
 wrapper does the rest: masking gradients, the ``lax.cond`` on mask-update steps, and
 resetting the inner optimizer state of weights whose mask changed.
+
+A mask-update step first computes the new masks from the current weights and the
+step's dense gradient (RigL's Algorithm 1 and official code); then either skips the
+weight update (``train_at_update=False``, the RigL family: grown weights stay at 0)
+or trains the weights that are active under the new masks (gradual pruning).
 """
 
 from __future__ import annotations
@@ -35,10 +40,10 @@ class Topology(NamedTuple):
     init_masks: ``(params, key) -> masks``.
     init_extra: ``(params, masks) -> extra`` method state.
     is_update_step: ``step -> bool``; None for masks that never change.
-    update_masks: ``ScoreInputs -> (masks, extra)`` at an update step.
-    train_at_update: if False (RigL's Algorithm 1) an update step only rewires;
-      if True (gradual pruning) the weights are trained first and the new masks
-      are computed from the trained weights.
+    update_masks: ``ScoreInputs -> (masks, extra)`` at an update step, from the
+      weights before this step's update and this step's dense gradient.
+    train_at_update: whether an update step also trains the weights (with the
+      new masks); if False it only rewires, as in RigL's Algorithm 1.
   """
   init_masks: Callable[[Any, jax.Array], Any]
   init_extra: Callable[[Any, Any], Any] = lambda params, masks: ()
@@ -113,46 +118,42 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
                        inner_state=inner.init(params),
                        extra=topology.init_extra(params, masks))
 
-  def train(grads, state, params, step, extra_args):
-    inner_updates, inner_state = inner.update(
-        apply_masks(grads, state.masks), state.inner_state, params, **extra_args)
-    return inner_updates, state._replace(step=step, inner_state=inner_state)
-
-  def rewire(grads, state, params, step, extra_args):
-    if topology.train_at_update:
-      inner_updates, state = train(grads, state, params, step, extra_args)
-      scored_params = optax.apply_updates(params, inner_updates)
-    else:
-      inner_updates = jax.tree.map(jnp.zeros_like, params)
-      scored_params = params
-    key, score_key = jax.random.split(state.key)
-    masks, extra = topology.update_masks(
-        ScoreInputs(scored_params, grads, state.masks, score_key, step, state.extra))
-    # Kept weights move by the inner update; dropped and grown ones become exactly 0.
-    kept = jax.tree.map(lambda new, old: None if new is None else new & old,
-                        masks, state.masks, is_leaf=_is_none)
-    changed = jax.tree.map(lambda new, old: None if new is None else new != old,
-                           masks, state.masks, is_leaf=_is_none)
-    inner_state = reset_inner_state(inner, state.inner_state, params, changed)
-    new_state = SparseState(step, key, masks, inner_state, extra)
-    return _masked_updates(inner_updates, kept, params), new_state
-
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("sparsejax methods need `params` in tx.update(grads, state, params)")
     step = state.step + 1
     if topology.update_masks is None:
-      inner_updates, new_state = train(updates, state, params, step, extra_args)
-      return _masked_updates(inner_updates, state.masks, params), new_state
+      inner_updates, inner_state = inner.update(
+          apply_masks(updates, state.masks), state.inner_state, params, **extra_args)
+      return (_masked_updates(inner_updates, state.masks, params),
+              state._replace(step=step, inner_state=inner_state))
 
-    def train_only(operands):
-      inner_updates, new_state = train(*operands, step, extra_args)
-      return _masked_updates(inner_updates, state.masks, params), new_state
+    def rewire(key, extra):
+      key, score_key = jax.random.split(key)
+      masks, extra = topology.update_masks(
+          ScoreInputs(params, updates, state.masks, score_key, step, extra))
+      return masks, key, extra
 
-    def update_masks(operands):
-      return rewire(*operands, step, extra_args)
-
-    return jax.lax.cond(topology.is_update_step(step), update_masks, train_only,
-                        (updates, state, params))
+    # The cond reads arrays the step has anyway (params, gradients) and returns only
+    # masks, key and method state, so a step that does not rewire costs what a
+    # static-mask step costs: the weights' update stays fused outside it.
+    is_update = topology.is_update_step(step)
+    masks, key, extra = jax.lax.cond(is_update, rewire,
+                                     lambda key, extra: (state.masks, key, extra),
+                                     state.key, state.extra)
+    # Weights whose mask changed get a fresh inner-optimizer state.
+    changed = jax.tree.map(lambda new, old: None if new is None else new != old,
+                           masks, state.masks, is_leaf=_is_none)
+    reset_state = reset_inner_state(inner, state.inner_state, params, changed)
+    inner_updates, inner_state = inner.update(
+        apply_masks(updates, masks), reset_state, params, **extra_args)
+    if not topology.train_at_update:
+      inner_updates = jax.tree.map(lambda u: jnp.where(is_update, jnp.zeros_like(u), u),
+                                   inner_updates)
+      inner_state = jax.tree.map(lambda old, new: jnp.where(is_update, old, new),
+                                 reset_state, inner_state)
+    # Dropped weights become exactly 0; grown ones are 0 already (they were masked).
+    return (_masked_updates(inner_updates, masks, params),
+            SparseState(step, key, masks, inner_state, extra))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

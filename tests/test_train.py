@@ -6,7 +6,7 @@ import pytest
 
 from experiments.configs import fashion_mnist
 import sparsejax
-from sparsejax.train import get_model, loop
+from sparsejax.train import get_model, loop, plots
 
 NUM_TRAIN, NUM_TEST = 256, 70  # NUM_TEST is not a multiple of eval_batch_size: padding is used
 
@@ -75,14 +75,75 @@ def test_sparse_training_is_exactly_sparse(data, method):
   assert sparsejax.summary(result.opt_state)["sparsity"] == pytest.approx(0.9, abs=1e-4)
   accuracy = loop.evaluate(experiment, result.params)
   assert 0.0 <= accuracy <= 1.0
+  # 8 steps per epoch: a record after init and after each of the 5 epochs.
+  assert [(r["step"], r["epoch"]) for r in result.history] == [(8 * e, e) for e in range(6)]
+  initial = 0.1 if method == "rigl" else 1.0  # gmp starts dense
+  assert result.history[0]["density"] == pytest.approx(initial, abs=1e-4)
+  assert result.history[-1]["density"] == pytest.approx(0.1, abs=1e-4)
+  for record in result.history:
+    assert set(record["layers"]) == {"Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"}
 
 
 def test_train_and_evaluate_dense_learns(data):
   result = loop.train_and_evaluate(small_config("dense", num_steps=-1, num_epochs=3), data)
-  assert set(result) == {"method", "sparsity", "test_accuracy", "train_loss", "steps", "seconds"}
+  assert set(result) == {"method", "sparsity", "layers", "test_accuracy", "train_loss", "steps",
+                         "seconds", "history"}
   assert result["method"] == "dense" and result["sparsity"] == 0.0
+  assert result["layers"] == {} and result["history"] == []  # no masks to read
   assert result["steps"] == 3 * (NUM_TRAIN // 32) and np.isfinite(result["train_loss"])
   assert result["test_accuracy"] > 0.2  # chance is 0.1
+
+
+def test_dst_history_matches_summary(data):
+  """12 steps of 8 per epoch: records at steps 0, 8 and 12 (the cut-short last epoch)."""
+  experiment = loop.setup(small_config("dst", num_steps=12), data)
+  trained = loop.train(experiment)
+  assert_exactly_sparse(trained.params, trained.opt_state)
+  history = trained.history
+  assert [(r["step"], r["epoch"]) for r in history] == [(0, 0), (8, 1), (12, 2)]
+  assert history[0]["density"] == 1.0  # thresholds start at 0: dense
+  assert all(d == 1.0 for d in history[0]["layers"].values())
+  assert history[-1]["density"] < 1.0  # the thresholds moved
+  stats = sparsejax.summary(trained.opt_state)
+  assert history[-1]["density"] == pytest.approx(1.0 - stats["sparsity"], abs=1e-12)
+  for path, layer in stats["layers"].items():
+    assert history[-1]["layers"][path] == pytest.approx(1.0 - layer["sparsity"], abs=1e-12)
+  for record in history:  # the global density weighs the layers by size
+    nnz = sum(record["layers"][p] * layer["size"] for p, layer in stats["layers"].items())
+    assert record["density"] == pytest.approx(nnz / stats["size"])
+  result = loop.run(experiment)  # the same seed: the same run
+  assert result["history"] == history
+  assert result["sparsity"] == pytest.approx(stats["sparsity"], abs=1e-12)
+  assert result["layers"] == pytest.approx(
+      {path: layer["sparsity"] for path, layer in stats["layers"].items()}, abs=1e-12)
+
+
+def test_plot_density(tmp_path):
+  history = [{"step": 10 * e, "epoch": e, "density": d,
+              "layers": {"Dense_0/kernel": d / 2, "Dense_1/kernel": d}}
+             for e, d in enumerate([1.0, 0.3, 0.1])]
+  series = plots.density_series(history)
+  assert series == {"Dense_0/kernel": [50.0, 15.0, 5.0], "Dense_1/kernel": [100.0, 30.0, 10.0],
+                    "global": [100.0, 30.0, 10.0]}
+  assert plots.use_log_scale(series) and not plots.use_log_scale({"global": [100.0, 40.0]})
+  path = tmp_path / "density.png"
+  plots.plot_density(history, path, title="dst: test accuracy 88.00 %")
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(ValueError, match="at least one"):
+    plots.plot_density([], tmp_path / "empty.png")
+
+
+def test_dst_config_uses_the_paper_settings():
+  for arg, model in [("dst", "lenet300100"), ("dst,lenet5", "lenet5")]:
+    config = fashion_mnist.get_config(arg)
+    assert config.model == model
+    assert config.sparse.to_dict() == {"method": "dst", "alpha": 5e-4, "recovery_density": 0.01}
+    assert (config.optimizer, config.momentum, config.learning_rate) == ("sgd", 0.9, 0.01)
+    assert (config.batch_size, config.num_epochs, config.num_steps) == (64, 20, -1)
+    assert "weight_decay" not in config
+  assert loop.total_steps(fashion_mnist.get_config("dst"), 60_000) == 20 * 937
+  dense = loop.with_method(fashion_mnist.get_config("dst"), "dense")  # the baseline's settings
+  assert (dense.learning_rate, dense.batch_size, dense.num_epochs) == (0.01, 64, 20)
 
 
 def test_lenet5_static_adam(data):
@@ -156,7 +217,7 @@ def test_with_method_keeps_accepted_keys():
     loop.with_method(fashion_mnist.get_config("dense"), "rigl")
 
 
-@pytest.mark.parametrize("arg", fashion_mnist.METHODS)
+@pytest.mark.parametrize("arg", [*fashion_mnist.METHODS, "dst,lenet5"])
 def test_configs_build(arg):
   """Every config's sparse section matches its method's signature."""
   config = fashion_mnist.get_config(arg)

@@ -25,7 +25,8 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
   Layer l's sparsity follows s_t = s_l + (s_i − s_l)(1 − (t − start)/(end − start))³,
   with s_l its final sparsity from ``distribution``; pruned weights never return.
   Pruning happens at ``start_step`` (if ≥ 1), every ``update_every`` steps after it
-  and at ``end_step``, right after that step's weight update.
+  and at ``end_step``, by the magnitudes before that step's weight update (which
+  then trains the remaining weights).
 
   Args:
     inner: the optimizer to wrap.
@@ -73,6 +74,6 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
                          is_leaf=lambda x: x is None)
     return masks, inputs.extra
 
-  topology = Topology(init_masks, init_extra, is_update_step=is_update_step, update_masks=update_masks,
-                      train_at_update=True)
+  topology = Topology(init_masks, init_extra, is_update_step=is_update_step,
+                      update_masks=update_masks, train_at_update=True)
   return sparse_wrapper(inner, topology, seed)

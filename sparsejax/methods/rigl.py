@@ -19,8 +19,9 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
   """Rigged Lottery: every ``update_every`` steps, swap the weakest active weights
   for the inactive ones with the largest dense gradient.
 
-  At a mask-update step the weights are not trained (the paper's Algorithm 1):
-  grown weights start at 0 with a fresh inner-optimizer state.
+  As in the paper's Algorithm 1 and the official code, a mask-update step drops by
+  the current weights' magnitude, grows by that step's dense gradient and does not
+  train: grown weights stay at 0 until the next step, with a fresh inner state.
 
   Args:
     inner: the optimizer to wrap.

@@ -13,6 +13,7 @@ from sparsejax.train.loop import (
     with_method,
 )
 from sparsejax.train.models import LeNet5Caffe, LeNet300100, get_model
+from sparsejax.train.plots import plot_density
 
 __all__ = [
     "Experiment",
@@ -22,6 +23,7 @@ __all__ = [
     "build_optimizer",
     "evaluate",
     "get_model",
+    "plot_density",
     "run",
     "setup",
     "train",

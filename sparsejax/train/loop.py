@@ -6,8 +6,12 @@ jitted step and evaluates on the whole test set. The steps are split so that a
 runner can build several experiments first and train them afterwards::
 
   experiment = setup(config)          # raises ValueError for a bad config
-  result = train(experiment)          # params, opt_state, train loss, steps
+  result = train(experiment)          # params, opt_state, train loss, steps, density history
   accuracy = evaluate(experiment, result.params)
+
+For a sparse method, ``train`` also records the global and per-layer density of the
+masks after initialisation and at the end of every epoch (:func:`density_record`):
+one host read of the masks per epoch, outside the jitted step.
 
 Config keys (see ``experiments/configs/fashion_mnist.py``): ``model``, ``optimizer``
 ("sgd" or "adam"), ``learning_rate``, ``momentum``, ``batch_size``, ``num_epochs``,
@@ -22,7 +26,7 @@ choice).
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import functools
 import inspect
 import itertools
@@ -67,6 +71,7 @@ class TrainResult(NamedTuple):
   opt_state: optax.OptState
   train_loss: float  # mean loss over the last epoch's worth of steps
   steps: int
+  history: Sequence[dict[str, Any]] = ()  # density records (density_record); empty for dense
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -288,21 +293,51 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation):
   return train_step
 
 
+def is_dense(experiment: Experiment) -> bool:
+  """Whether ``experiment`` trains without a sparsejax method (no masks to read)."""
+  return experiment.config.sparse.method == "dense"
+
+
+def density_record(opt_state: optax.OptState, step: int, epoch: int) -> dict[str, Any]:
+  """The global and per-layer density (1 − sparsity) of the masks in ``opt_state``.
+
+  Reads the masks on the host (:func:`sparsejax.summary`); call it between steps.
+
+  Args:
+    opt_state: the state of a sparsejax method.
+    step: optimizer steps taken so far.
+    epoch: epochs started so far (0 after initialisation).
+
+  Returns:
+    ``{"step", "epoch", "density", "layers": {path: density}}``, densities as nnz / size.
+  """
+  stats = sparsejax.summary(opt_state)
+  layers = {path: layer["nnz"] / layer["size"] for path, layer in stats["layers"].items()}
+  density = stats["nnz"] / stats["size"] if stats["size"] else 1.0
+  return {"step": step, "epoch": epoch, "density": density, "layers": layers}
+
+
 def train(experiment: Experiment) -> TrainResult:
   """Trains for ``experiment.num_steps`` steps over shuffled epochs of the train split.
+
+  For a sparse method, the density of the masks is recorded after initialisation
+  (step 0, epoch 0) and at the end of every epoch; a last epoch cut short by
+  ``num_steps`` is recorded at the final step.
 
   Args:
     experiment: from :func:`setup`.
 
   Returns:
     The trained params and optimizer state, the mean loss of the last epoch's worth
-    of steps, and the number of steps.
+    of steps, the number of steps and the density history (empty for dense).
   """
   config, train_split = experiment.config, experiment.data["train"]
   steps_per_epoch = len(train_split["label"]) // config.batch_size
   train_step = make_train_step(experiment.model, experiment.tx)
   params, opt_state = experiment.params, experiment.opt_state
   recent = collections.deque(maxlen=max(1, min(steps_per_epoch, experiment.num_steps)))
+  track = not is_dense(experiment)
+  history = [density_record(opt_state, 0, 0)] if track else []
   step = 0
   for epoch in itertools.count():
     for images, labels in batches(train_split["image"], train_split["label"], config.batch_size,
@@ -312,12 +347,23 @@ def train(experiment: Experiment) -> TrainResult:
       step += 1
       if step == experiment.num_steps:
         break
-    logging.info("%s: epoch %d, step %d, loss %.4f", config.sparse.method, epoch + 1, step,
-                 float(recent[-1]))
+    if track:
+      history.append(density_record(opt_state, step, epoch + 1))
+    _log_epoch(config.sparse.method, epoch + 1, step, float(recent[-1]),
+               history[-1] if track else None)
     if step == experiment.num_steps:
       break
   train_loss = float(jnp.mean(jnp.stack(list(recent))))
-  return TrainResult(params, opt_state, train_loss, step)
+  return TrainResult(params, opt_state, train_loss, step, history)
+
+
+def _log_epoch(method: str, epoch: int, step: int, loss: float,
+               record: dict[str, Any] | None) -> None:
+  if record is None:
+    logging.info("%s: epoch %d, step %d, loss %.4f", method, epoch, step, loss)
+  else:
+    logging.info("%s: epoch %d, step %d, loss %.4f, density %.4f", method, epoch, step, loss,
+                 record["density"])
 
 
 def evaluate(experiment: Experiment, params: Any) -> float:
@@ -347,9 +393,17 @@ def evaluate(experiment: Experiment, params: Any) -> float:
 
 def measured_sparsity(experiment: Experiment, opt_state: optax.OptState) -> float:
   """Global sparsity of the masked leaves from :func:`sparsejax.summary`; 0.0 for dense."""
-  if experiment.config.sparse.method == "dense":
+  if is_dense(experiment):
     return 0.0
   return float(sparsejax.summary(opt_state)["sparsity"])
+
+
+def layer_sparsities(experiment: Experiment, opt_state: optax.OptState) -> dict[str, float]:
+  """``{path: sparsity}`` of the masked leaves from :func:`sparsejax.summary`; {} for dense."""
+  if is_dense(experiment):
+    return {}
+  return {path: float(layer["sparsity"])
+          for path, layer in sparsejax.summary(opt_state)["layers"].items()}
 
 
 def run(experiment: Experiment) -> dict[str, Any]:
@@ -359,8 +413,10 @@ def run(experiment: Experiment) -> dict[str, Any]:
     experiment: from :func:`setup`.
 
   Returns:
-    ``{"method", "sparsity", "test_accuracy", "train_loss", "steps", "seconds"}``;
-    ``seconds`` is the wall time of training and evaluation, compilation included.
+    ``{"method", "sparsity", "layers", "test_accuracy", "train_loss", "steps", "seconds",
+    "history"}``; ``layers`` maps each masked leaf to its final sparsity, ``history``
+    lists the density records of :func:`train`, ``seconds`` is the wall time of
+    training and evaluation, compilation included.
   """
   start = time.perf_counter()
   result = train(experiment)
@@ -368,8 +424,9 @@ def run(experiment: Experiment) -> dict[str, Any]:
   seconds = time.perf_counter() - start
   return {"method": experiment.config.sparse.method,
           "sparsity": measured_sparsity(experiment, result.opt_state),
+          "layers": layer_sparsities(experiment, result.opt_state),
           "test_accuracy": accuracy, "train_loss": result.train_loss, "steps": result.steps,
-          "seconds": seconds}
+          "seconds": seconds, "history": list(result.history)}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, data: Data | None = None
@@ -384,10 +441,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, data: Data | None = No
     data: optional in-memory dataset, as returned by :func:`sparsejax.data.load_idx_dataset`.
 
   Returns:
-    ``{"method", "sparsity", "test_accuracy", "train_loss", "steps", "seconds"}``:
-    the measured global sparsity of the masks (0.0 for dense), the test accuracy as
-    a fraction in [0, 1], the mean training loss over the last epoch's worth of steps,
-    the number of steps and the wall time of training and evaluation.
+    ``{"method", "sparsity", "layers", "test_accuracy", "train_loss", "steps", "seconds",
+    "history"}``: the measured global sparsity of the masks (0.0 for dense) and
+    ``{path: sparsity}`` per masked leaf ({} for dense), the test accuracy as a
+    fraction in [0, 1], the mean training loss over the last epoch's worth of steps,
+    the number of steps, the wall time of training and evaluation, and the density
+    history ``[{"step", "epoch", "density", "layers": {path: density}}, ...]``
+    recorded after initialisation and at the end of every epoch ([] for dense).
 
   Raises:
     ValueError: for a bad config.

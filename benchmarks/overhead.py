@@ -1,0 +1,277 @@
+"""Step-time overhead of sparsejax methods relative to dense training.
+
+Run::
+
+  python benchmarks/overhead.py [--models lenet,mlp1024] [--methods static,set,rigl,gmp] \
+      [--repeats 7] [--calls 5] [--sparsity 0.9]
+
+Models (flax.linen MLPs with ReLU, trained with ``optax.adam(1e-3)`` on one fixed
+random batch of 256 kept on device):
+
+- ``lenet``: LeNet-300-100, 784-300-100-10;
+- ``mlp1024``: 784-1024-1024-1024-10.
+
+Each variant is one jitted train step -- ``value_and_grad`` of the softmax
+cross-entropy, ``tx.update`` and ``optax.apply_updates`` -- with params and
+optimizer state donated. Every timed call is followed by ``block_until_ready``;
+nothing inside the step syncs with the host.
+
+Non-update and mask-update steps are timed separately by building each method twice:
+
+- **non-update step**: ``update_every=10**8, end_step=10**9``, so no mask update
+  falls in the timed window (GMP also prunes at step 1; that step is part of the
+  warm-up). The step still carries the wrapper's ``lax.cond``, masking and
+  ``where``s, which is the overhead paid on the ~99 % of steps that do not rewire.
+- **update step**: ``update_every=1, end_step=10**9``, so every step is a mask
+  update (drop/grow or prune selection, inner-state reset). For RigL and SET the
+  drop fraction stays ≈ 0.3 (its cosine decay to ``end_step`` barely starts); for
+  GMP the cubic schedule barely starts either, so masks stay nearly dense -- the
+  cost of the exact top-k selection does not depend on k.
+
+Static sparse training has no update step ("—").
+
+Timing is interleaved in one process: every round runs ``--calls`` steps of each
+variant in turn (dense, method 1 non-update, method 1 update, ...; the starting
+variant rotates per round), takes the median call time of each variant in the
+round and divides it by the dense median of the same round. The table reports the
+median of these per-round ratios over ``--repeats`` rounds, which cancels most of
+the drift of a shared, noisy machine. All variants are compiled and warmed up
+before the first round.
+
+A second table gives the minor page faults per timed step. XLA:CPU allocates an
+executable's temporaries afresh at every call; when they exceed glibc's mmap
+threshold (at most 32 MiB) they are mmapped and unmapped each step, and every first
+touch of a page faults. A dense or static step updates params and optimizer state in
+place (no large temporaries); the ``lax.cond`` of the dynamic methods makes XLA copy
+and materialise the state (~70 MiB of temporaries on the 1024 MLP), so their steps
+fault ~14k times. To measure them without that allocator effect, run with::
+
+  MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967295 \
+      python benchmarks/overhead.py
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+import os
+import resource
+import shlex
+import statistics
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import sparsejax as sj
+
+MODELS = {
+    "lenet": ("LeNet-300-100", (300, 100, 10)),
+    "mlp1024": ("1024-1024-1024-10", (1024, 1024, 1024, 10)),
+}
+METHODS = ("static", "set", "rigl", "gmp")
+BATCH = 256
+IN_FEATURES = 784
+NEVER = 10**8  # update_every that keeps mask updates out of the timed window
+END_STEP = 10**9
+
+
+class MLP(nn.Module):
+  """Fully connected ReLU network; the last entry of ``features`` is the logits width."""
+  features: Sequence[int]
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for width in self.features[:-1]:
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(self.features[-1])(x)
+
+
+def make_tx(method: str, update_every: int | None, sparsity: float
+            ) -> optax.GradientTransformation:
+  """The optimizer of one variant.
+
+  Args:
+    method: "dense" or a name in :data:`METHODS`.
+    update_every: steps between mask updates (ignored by dense and static).
+    sparsity: target sparsity of the sparse methods.
+
+  Returns:
+    ``optax.adam(1e-3)``, wrapped by the method unless it is "dense".
+  """
+  inner = optax.adam(1e-3)
+  if method == "dense":
+    return inner
+  if method == "static":
+    return sj.static_sparse(inner, sparsity=sparsity, distribution="erk")
+  if method in ("set", "rigl"):
+    factory = sj.set if method == "set" else sj.rigl
+    return factory(inner, sparsity=sparsity, distribution="erk", update_every=update_every,
+                   end_step=END_STEP)
+  if method == "gmp":
+    return sj.gmp(inner, sparsity=sparsity, update_every=update_every, start_step=0,
+                  end_step=END_STEP)
+  raise ValueError(f"unknown method {method!r}; expected 'dense' or one of {METHODS}")
+
+
+def make_step(model: nn.Module, tx: optax.GradientTransformation) -> Callable[..., Any]:
+  """A jitted train step ``(params, opt_state, x, y) -> (params, opt_state, loss)``.
+
+  Params and optimizer state are donated.
+  """
+  def loss_fn(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def step(params, opt_state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+class Variant:
+  """One timed configuration: a compiled step and the state it carries between calls."""
+
+  def __init__(self, name: str, kind: str, model: nn.Module, tx: optax.GradientTransformation,
+               params: Any, x: jax.Array, y: jax.Array):
+    self.name, self.kind = name, kind
+    self.step = make_step(model, tx)
+    # Own copies: the step donates its arguments.
+    self.params = jax.tree.map(jnp.copy, params)
+    self.opt_state = tx.init(self.params)
+    self.x, self.y = x, y
+    self.round_ms: list[float] = []
+    self.faults = 0  # minor page faults during timed calls
+    self.timed_calls = 0
+
+  def call(self, timed: bool = True) -> float:
+    """Runs one step to completion; returns its wall time in ms."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    self.params, self.opt_state, loss = self.step(self.params, self.opt_state, self.x, self.y)
+    jax.block_until_ready((self.params, self.opt_state, loss))
+    elapsed = (time.perf_counter() - start) * 1e3
+    if timed:
+      self.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+      self.timed_calls += 1
+    return elapsed
+
+
+def bench_model(model_key: str, methods: Sequence[str], repeats: int, calls: int, warmup: int,
+                sparsity: float) -> dict[tuple[str, str], dict[str, float]]:
+  """Times dense and every method's non-update/update steps on one model.
+
+  Returns:
+    ``{(method, kind): {"ratio": median per-round ratio to dense, "ms": median ms,
+    "faults": minor page faults per timed step}}`` with kind "train" (non-update
+    step) or "update"; dense is ``("dense", "train")``.
+  """
+  _, features = MODELS[model_key]
+  model = MLP(features)
+  kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (BATCH, IN_FEATURES), jnp.float32)
+  y = jax.random.randint(ky, (BATCH,), 0, features[-1])
+  params = model.init(kp, x)["params"]
+
+  variants = [Variant("dense", "train", model, make_tx("dense", None, sparsity), params, x, y)]
+  for method in methods:
+    variants.append(Variant(method, "train", model, make_tx(method, NEVER, sparsity),
+                            params, x, y))
+    if method != "static":
+      variants.append(Variant(method, "update", model, make_tx(method, 1, sparsity),
+                              params, x, y))
+  for v in variants:  # compile, and run GMP's step-1 pruning outside the timed window
+    for _ in range(warmup):
+      v.call(timed=False)
+
+  ratios: dict[tuple[str, str], list[float]] = {(v.name, v.kind): [] for v in variants}
+  for r in range(repeats):
+    order = variants[r % len(variants):] + variants[:r % len(variants)]
+    for v in order:
+      v.round_ms.append(statistics.median(v.call() for _ in range(calls)))
+    dense_ms = variants[0].round_ms[-1]
+    for v in variants:
+      ratios[(v.name, v.kind)].append(v.round_ms[-1] / dense_ms)
+  return {(v.name, v.kind): {"ratio": statistics.median(ratios[(v.name, v.kind)]),
+                             "ms": statistics.median(v.round_ms),
+                             "faults": v.faults / max(v.timed_calls, 1)} for v in variants}
+
+
+def _cell(result: dict[str, float] | None, goal: float) -> str:
+  if result is None:
+    return "—"
+  mark = "✓" if result["ratio"] <= goal else "✗"
+  return f"{result['ratio']:.2f} {mark} ({result['ms']:.2f} ms)"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Parses flags, runs the benchmark and prints a Markdown table."""
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--models", default="lenet,mlp1024",
+                      help=f"comma-separated subset of {','.join(MODELS)}")
+  parser.add_argument("--methods", default=",".join(METHODS),
+                      help=f"comma-separated subset of {','.join(METHODS)}")
+  parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median)")
+  parser.add_argument("--calls", type=int, default=5, help="timed steps per variant and round")
+  parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+  parser.add_argument("--sparsity", type=float, default=0.9)
+  args = parser.parse_args(argv)
+  models = [m for m in args.models.split(",") if m]
+  methods = [m for m in args.methods.split(",") if m]
+  for m in models:
+    if m not in MODELS:
+      parser.error(f"unknown model {m!r}; expected one of {list(MODELS)}")
+  for m in methods:
+    if m not in METHODS:
+      parser.error(f"unknown method {m!r}; expected one of {list(METHODS)}")
+  if args.warmup < 2:
+    parser.error("--warmup must be >= 2 (compilation, then GMP's step-1 pruning)")
+
+  command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+  print(f"command: `{command}`")
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s); "
+        f"optax.adam(1e-3), batch {BATCH}, sparsity {args.sparsity} (erk for set/rigl/static, "
+        f"uniform for gmp); {args.repeats} rounds x {args.calls} calls, median of per-round "
+        f"ratios")
+  malloc_env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
+  print(f"malloc environment: {malloc_env or 'glibc defaults'}")
+  start = time.perf_counter()
+  results = {m: bench_model(m, methods, args.repeats, args.calls, args.warmup, args.sparsity)
+             for m in models}
+
+  print()
+  print("| model | method | non-update step / dense (goal ≤ 1.05) "
+        "| update step / dense (goal ≤ 3) |")
+  print("|---|---|---|---|")
+  for m in models:
+    res = results[m]
+    name = MODELS[m][0]
+    print(f"| {name} | dense | 1.00 ({res[('dense', 'train')]['ms']:.2f} ms) | — |")
+    for method in methods:
+      print(f"| {name} | {method} | {_cell(res[(method, 'train')], 1.05)} "
+            f"| {_cell(res.get((method, 'update')), 3.0)} |")
+  print()
+  print("Cells: median over rounds of (variant median ms / dense median ms) in the same round; "
+        "in parentheses the variant's median step time.")
+  print()
+  print("| model | method | minor page faults / non-update step | minor page faults / update step |")
+  print("|---|---|---|---|")
+  for m in models:
+    res = results[m]
+    for method in ["dense", *methods]:
+      update = res.get((method, "update"))
+      update_faults = "—" if update is None else f"{update['faults']:.0f}"
+      print(f"| {MODELS[m][0]} | {method} | {res[(method, 'train')]['faults']:.0f} "
+            f"| {update_faults} |")
+  print()
+  print(f"total wall time {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+  main()
