@@ -4,7 +4,9 @@ A mask update must keep exactly ``k`` entries per leaf, where ``k`` depends on t
 step (a traced value) and leaves can hold millions of scores. A full sort costs
 ``O(n log n)`` and ``lax.top_k`` needs a static ``k``; instead we find the k-th
 largest score by a 32-step bisection over the bits of an order-preserving integer
-key (each step counts ``key >= candidate``), then break ties by index.
+key (each step counts ``key >= candidate``), then break ties by index. On 1M scores
+this takes a few ms on a CPU core, against ~60 ms for ``lax.top_k`` and ~250 ms for a
+sort (``python benchmarks/topk.py``).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import jax
 import jax.numpy as jnp
 
 _SIGN_BIT = jnp.uint32(0x80000000)
+_COLUMNS = 128  # counts run over a [rows, 128] layout
 
 
 def sortable_key(scores: jax.Array) -> jax.Array:
-  """Maps float scores to uint32 keys with the same order (NaN sorts highest).
+  """Maps float scores to uint32 keys with the same order (scores must not be NaN).
 
   Args:
     scores: a float array.
@@ -29,6 +32,31 @@ def sortable_key(scores: jax.Array) -> jax.Array:
   return jnp.where(negative, ~bits, bits | _SIGN_BIT)
 
 
+def _count(flags: jax.Array) -> jax.Array:
+  """Number of True entries of a ``[rows, _COLUMNS]`` array.
+
+  Column sums in float32 vectorise better on CPU than one int32 reduction and are
+  exact while ``rows <= 2**24``.
+  """
+  return jnp.sum(flags, axis=0, dtype=jnp.float32).astype(jnp.int32).sum()
+
+
+def _first_in_order(flags: jax.Array, room: jax.Array) -> jax.Array:
+  """The first ``room`` True entries of ``flags`` in row-major order.
+
+  Same as ``flags & (cumsum(flags) <= room)`` but with per-row counts and a single
+  row's cumsum instead of a full one.
+  """
+  per_row = flags.sum(axis=1, dtype=jnp.int32)
+  through_row = jnp.cumsum(per_row)  # True entries up to and including each row
+  crossing = jnp.minimum(jnp.sum(through_row <= room, dtype=jnp.int32), flags.shape[0] - 1)
+  in_row = jnp.cumsum(jax.lax.dynamic_index_in_dim(flags, crossing, 0, keepdims=False),
+                      dtype=jnp.int32)
+  room_in_row = room - (through_row - per_row)[crossing]
+  partial = (jnp.arange(flags.shape[0])[:, None] == crossing) & (in_row[None, :] <= room_in_row)
+  return flags & ((through_row <= room)[:, None] | partial)
+
+
 def top_k_mask(scores: jax.Array, k: jax.Array | int, eligible: jax.Array | None = None) -> jax.Array:
   """Marks the ``k`` eligible entries with the highest scores.
 
@@ -36,27 +64,34 @@ def top_k_mask(scores: jax.Array, k: jax.Array | int, eligible: jax.Array | None
   lower flat index wins, so the result is deterministic.
 
   Args:
-    scores: float array of any shape.
+    scores: float array of any shape (no NaN).
     k: number of entries to select (may be a traced integer scalar).
     eligible: optional bool array like ``scores``; only these may be selected.
 
   Returns:
     A bool array like ``scores``.
   """
-  flat = scores.reshape(-1)
-  ok = jnp.ones(flat.shape, bool) if eligible is None else eligible.reshape(-1)
-  k = jnp.minimum(jnp.asarray(k, jnp.int32), ok.sum(dtype=jnp.int32))
-  key = jnp.where(ok, sortable_key(flat), jnp.uint32(0))
+  n = scores.size
+  rows = max(-(-n // _COLUMNS), 1)
+  if rows > 2**24:
+    raise ValueError(f"top_k_mask supports up to 2**31 entries, got {n}")
+  ok = jnp.ones((n,), bool) if eligible is None else eligible.reshape(-1)
+  key = jnp.where(ok, sortable_key(scores.reshape(-1)), jnp.uint32(0))
+  padding = rows * _COLUMNS - n  # padded entries: key 0 and not eligible, never chosen
+  key = jnp.pad(key, (0, padding)).reshape(rows, _COLUMNS)
+  ok = jnp.pad(ok, (0, padding)).reshape(rows, _COLUMNS)
+  k = jnp.minimum(jnp.asarray(k, jnp.int32), _count(ok))
 
   def add_bit(bit, threshold):
     candidate = threshold | (jnp.uint32(1) << (31 - bit).astype(jnp.uint32))
-    count = jnp.sum(ok & (key >= candidate), dtype=jnp.int32)
-    return jnp.where(count >= k, candidate, threshold)
+    # Ineligible keys are 0 < candidate, so they are never counted.
+    return jnp.where(_count(key >= candidate) >= k, candidate, threshold)
 
   # The largest threshold with at least k eligible keys at or above it: the k-th key.
   kth = jax.lax.fori_loop(0, 32, add_bit, jnp.uint32(0))
-  above = ok & (key > kth)
+  above = key > kth
   tied = ok & (key == kth)
-  room = k - above.sum(dtype=jnp.int32)
-  chosen = above | (tied & (jnp.cumsum(tied, dtype=jnp.int32) <= room))
-  return chosen.reshape(scores.shape)
+  room = k - _count(above)
+  # Ties at the k-th key are rare for continuous scores: break them only when needed.
+  chosen_tied = jax.lax.cond(_count(tied) > room, _first_in_order, lambda t, r: t, tied, room)
+  return (above | chosen_tied).reshape(-1)[:n].reshape(scores.shape)

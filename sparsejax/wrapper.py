@@ -6,10 +6,12 @@ mask is False. A :class:`Topology` says how masks start and how they change; the
 wrapper does the rest: masking gradients, the ``lax.cond`` on mask-update steps, and
 resetting the inner optimizer state of weights whose mask changed.
 
-A mask-update step first computes the new masks from the current weights and the
-step's dense gradient (RigL's Algorithm 1 and official code); then either skips the
-weight update (``train_at_update=False``, the RigL family: grown weights stay at 0)
-or trains the weights that are active under the new masks (gradual pruning).
+A mask-update step computes the new masks from the current weights and the step's
+dense gradient (the scores of RigL's Algorithm 1), then trains the weights active
+under both the old and the new mask. Grown weights receive no gradient in that step,
+so they end it at exactly 0 with a fresh inner-optimizer state. (The official RigL
+code skips the whole optimizer step at an update; like jaxpruner and the PyTorch
+ports we do not waste that step.)
 """
 
 from __future__ import annotations
@@ -42,14 +44,11 @@ class Topology(NamedTuple):
     is_update_step: ``step -> bool``; None for masks that never change.
     update_masks: ``ScoreInputs -> (masks, extra)`` at an update step, from the
       weights before this step's update and this step's dense gradient.
-    train_at_update: whether an update step also trains the weights (with the
-      new masks); if False it only rewires, as in RigL's Algorithm 1.
   """
   init_masks: Callable[[Any, jax.Array], Any]
   init_extra: Callable[[Any, Any], Any] = lambda params, masks: ()
   is_update_step: Callable[[jax.Array], jax.Array] | None = None
   update_masks: Callable[[ScoreInputs], tuple[Any, Any]] | None = None
-  train_at_update: bool = False
 
 
 def _is_none(x: Any) -> bool:
@@ -137,23 +136,20 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
     # The cond reads arrays the step has anyway (params, gradients) and returns only
     # masks, key and method state, so a step that does not rewire costs what a
     # static-mask step costs: the weights' update stays fused outside it.
-    is_update = topology.is_update_step(step)
-    masks, key, extra = jax.lax.cond(is_update, rewire,
+    masks, key, extra = jax.lax.cond(topology.is_update_step(step), rewire,
                                      lambda key, extra: (state.masks, key, extra),
                                      state.key, state.extra)
-    # Weights whose mask changed get a fresh inner-optimizer state.
+    kept = jax.tree.map(lambda new, old: None if new is None else new & old,
+                        masks, state.masks, is_leaf=_is_none)
     changed = jax.tree.map(lambda new, old: None if new is None else new != old,
                            masks, state.masks, is_leaf=_is_none)
-    reset_state = reset_inner_state(inner, state.inner_state, params, changed)
+    # Weights whose mask changed restart from the inner optimizer's initial state;
+    # only weights active before and after the update receive gradient.
     inner_updates, inner_state = inner.update(
-        apply_masks(updates, masks), reset_state, params, **extra_args)
-    if not topology.train_at_update:
-      inner_updates = jax.tree.map(lambda u: jnp.where(is_update, jnp.zeros_like(u), u),
-                                   inner_updates)
-      inner_state = jax.tree.map(lambda old, new: jnp.where(is_update, old, new),
-                                 reset_state, inner_state)
-    # Dropped weights become exactly 0; grown ones are 0 already (they were masked).
-    return (_masked_updates(inner_updates, masks, params),
+        apply_masks(updates, kept), reset_inner_state(inner, state.inner_state, params, changed),
+        params, **extra_args)
+    # Dropped weights become exactly 0; grown ones were masked, hence 0 already.
+    return (_masked_updates(inner_updates, kept, params),
             SparseState(step, key, masks, inner_state, extra))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

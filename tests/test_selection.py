@@ -40,6 +40,20 @@ def test_selects_exactly_k_of_the_best_eligible(scores, data):
       assert tied_chosen.max() < tied_rest.min()
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 700), st.integers(0, 700), st.integers(0, 2**31 - 1))
+def test_tie_break_across_rows_of_the_counting_layout(n, k, seed):
+  """Heavily tied scores over several 128-wide rows: exactly k, lowest indices first."""
+  rng = np.random.default_rng(seed)
+  scores = rng.integers(0, 3, n).astype(np.float32)
+  eligible = rng.random(n) < 0.8
+  chosen = np.asarray(jitted(jnp.asarray(scores), k, jnp.asarray(eligible)))
+  order = sorted(np.flatnonzero(eligible), key=lambda i: (-scores[i], i))
+  expected = np.zeros(n, bool)
+  expected[order[:k]] = True
+  np.testing.assert_array_equal(chosen, expected)
+
+
 def test_matches_argsort_on_distinct_scores():
   scores = jax.random.normal(jax.random.PRNGKey(0), (37, 11))
   for k in (0, 1, 13, 200, 407):

@@ -75,5 +75,5 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
     return masks, inputs.extra
 
   topology = Topology(init_masks, init_extra, is_update_step=is_update_step,
-                      update_masks=update_masks, train_at_update=True)
+                      update_masks=update_masks)
   return sparse_wrapper(inner, topology, seed)

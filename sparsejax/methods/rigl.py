@@ -19,9 +19,9 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
   """Rigged Lottery: every ``update_every`` steps, swap the weakest active weights
   for the inactive ones with the largest dense gradient.
 
-  As in the paper's Algorithm 1 and the official code, a mask-update step drops by
-  the current weights' magnitude, grows by that step's dense gradient and does not
-  train: grown weights stay at 0 until the next step, with a fresh inner state.
+  A mask-update step drops by the current weights' magnitude and grows by that
+  step's dense gradient (Algorithm 1's scores); grown weights end the step at
+  exactly 0 with a fresh inner-optimizer state, kept weights are trained as usual.
 
   Args:
     inner: the optimizer to wrap.
