@@ -1,5 +1,7 @@
 """DST: the estimator against an independent custom_vjp reference, recovery, flax, convs."""
 
+import functools
+
 import chex
 from conftest import make_batch
 from flax import nnx
@@ -217,3 +219,19 @@ def test_nnx_optimizer():
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     sj.dst(optax.sgd(0.1), **kwargs)
+
+
+def test_state_does_not_alias_params_so_both_can_be_donated(mlp):
+  params, loss = mlp
+  tx = sj.dst(optax.sgd(0.1), alpha=1e-3)
+  state = tx.init(params)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  params = jax.tree.map(jnp.copy, params)
+  for _ in range(2):
+    params, state = step(params, state)
+  assert sj.summary(state)["size"] == 320 + 192 + 48

@@ -87,7 +87,8 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
     flags = masked_leaves(params, dense)
     if not any(jax.tree.leaves(flags)):
       raise ValueError("the `dense` predicate keeps every parameter dense: nothing to sparsify")
-    weights = jax.tree.map(lambda p, f: p if f else None, params, flags)
+    # A copy, not the params' own buffers: a train step may donate params and state.
+    weights = jax.tree.map(lambda p, f: jnp.array(p, copy=True) if f else None, params, flags)
     thresholds = jax.tree.map(lambda p, f: jnp.zeros(jnp.shape(p)[-1:], jnp.result_type(p))
                               if f else None, params, flags)
     merged = jax.tree.map(lambda w, p: p if w is None else w, weights, params, is_leaf=_is_none)
