@@ -6,7 +6,7 @@ import pytest
 
 from experiments.configs import fashion_mnist
 import sparsejax
-from sparsejax.train import get_model, loop, plots
+from sparsejax.train import experiment_config, get_model, loop, plots
 
 NUM_TRAIN, NUM_TEST = 256, 70  # NUM_TEST is not a multiple of eval_batch_size: padding is used
 
@@ -141,8 +141,8 @@ def test_dst_config_uses_the_paper_settings():
     assert (config.optimizer, config.momentum, config.learning_rate) == ("sgd", 0.9, 0.01)
     assert (config.batch_size, config.num_epochs, config.num_steps) == (64, 20, -1)
     assert "weight_decay" not in config
-  assert loop.total_steps(fashion_mnist.get_config("dst"), 60_000) == 20 * 937
-  dense = loop.with_method(fashion_mnist.get_config("dst"), "dense")  # the baseline's settings
+  assert experiment_config.total_steps(fashion_mnist.get_config("dst"), 60_000) == 20 * 937
+  dense = experiment_config.with_method(fashion_mnist.get_config("dst"), "dense")  # the baseline's settings
   assert (dense.learning_rate, dense.batch_size, dense.num_epochs) == (0.01, 64, 20)
 
 
@@ -190,40 +190,40 @@ def test_missing_key():
   config = small_config()
   del config["num_steps"]
   with pytest.raises(ValueError, match="config.num_steps is missing"):
-    loop.validate_config(config)
+    experiment_config.validate_config(config)
 
 
 def test_resolve_sparse_end_step():
   rigl = fashion_mnist.get_config("rigl").sparse
-  assert loop.resolve_sparse(rigl, 4680)["end_step"] == 3510
+  assert experiment_config.resolve_sparse(rigl, 4680)["end_step"] == 3510
   gmp = fashion_mnist.get_config("gmp").sparse
-  assert loop.resolve_sparse(gmp, 4680)["end_step"] == 3510
+  assert experiment_config.resolve_sparse(gmp, 4680)["end_step"] == 3510
   gmp.end_step = 1234
-  assert loop.resolve_sparse(gmp, 4680)["end_step"] == 1234  # explicit values are kept
+  assert experiment_config.resolve_sparse(gmp, 4680)["end_step"] == 1234  # explicit values are kept
 
 
 def test_with_method_keeps_accepted_keys():
   config = fashion_mnist.get_config("rigl")
   config.sparse.sparsity = 0.8
-  static = loop.with_method(config, "static").sparse.to_dict()
+  static = experiment_config.with_method(config, "static").sparse.to_dict()
   assert static == {"method": "static", "sparsity": 0.8, "distribution": "erk", "seed": 0}
-  gmp = loop.with_method(config, "gmp").sparse
+  gmp = experiment_config.with_method(config, "gmp").sparse
   assert gmp.end_step == -1 and gmp.update_every == 100 and "drop_fraction" not in gmp
-  rigl = loop.with_method(loop.with_method(config, "static"), "rigl").sparse
+  rigl = experiment_config.with_method(experiment_config.with_method(config, "static"), "rigl").sparse
   assert rigl.end_step == -1 and rigl.sparsity == 0.8
-  assert loop.with_method(config, "dense").sparse.to_dict() == {"method": "dense"}
+  assert experiment_config.with_method(config, "dense").sparse.to_dict() == {"method": "dense"}
   assert config.sparse.method == "rigl"  # the input is not modified
   with pytest.raises(ValueError, match="sparsity"):
-    loop.with_method(fashion_mnist.get_config("dense"), "rigl")
+    experiment_config.with_method(fashion_mnist.get_config("dense"), "rigl")
 
 
 @pytest.mark.parametrize("arg", [*fashion_mnist.METHODS, "dst,lenet5"])
 def test_configs_build(arg):
   """Every config's sparse section matches its method's signature."""
   config = fashion_mnist.get_config(arg)
-  loop.validate_config(config)
-  sparse = loop.resolve_sparse(config.sparse, 1000)
-  assert sparsejax.from_config(sparse, loop.make_optimizer(config)) is not None
+  experiment_config.validate_config(config)
+  sparse = experiment_config.resolve_sparse(config.sparse, 1000)
+  assert sparsejax.from_config(sparse, experiment_config.make_optimizer(config)) is not None
 
 
 def test_config_argument_errors():

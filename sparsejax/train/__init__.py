@@ -1,5 +1,6 @@
 """The training loop and models used by the experiments."""
 
+from sparsejax.train.experiment_config import validate_config, with_method
 from sparsejax.train.loop import (
     Experiment,
     TrainResult,
@@ -9,8 +10,6 @@ from sparsejax.train.loop import (
     setup,
     train,
     train_and_evaluate,
-    validate_config,
-    with_method,
 )
 from sparsejax.train.models import LeNet5Caffe, LeNet300100, get_model
 from sparsejax.train.plots import plot_density
