@@ -20,6 +20,11 @@ from sparsejax.selection import top_k_mask
 DensePredicate = Callable[[str, Any], bool]
 
 
+def is_unmasked(x: Any) -> bool:
+  """``is_leaf`` for mask pytrees: None marks a leaf kept dense."""
+  return x is None
+
+
 def keep_small_leaves_dense(path: str, leaf: Any) -> bool:
   """Default ``dense`` predicate: leaves with fewer than two axes (biases, scales)."""
   del path
@@ -93,7 +98,7 @@ def random_masks(key: jax.Array, params: Any, nnz: Any) -> Any:
   Returns:
     A mask pytree (bool arrays, None for dense leaves).
   """
-  counts, treedef = jax.tree.flatten(nnz, is_leaf=lambda x: x is None)
+  counts, treedef = jax.tree.flatten(nnz, is_leaf=is_unmasked)
   leaves = treedef.flatten_up_to(params)
   keys = jax.random.split(key, len(leaves))
   out = [None if n is None else top_k_mask(jax.random.uniform(k, jnp.shape(p)), n)

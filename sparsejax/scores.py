@@ -12,6 +12,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sparsejax.masks import is_unmasked
+
 
 class ScoreInputs(NamedTuple):
   """What a score may look at during a mask update."""
@@ -28,7 +30,7 @@ ScoreFn = Callable[[ScoreInputs], Any]
 
 def _over_masked(fn: Callable[..., jax.Array], masks: Any, *trees: Any) -> Any:
   return jax.tree.map(lambda m, *xs: None if m is None else fn(*xs), masks, *trees,
-                      is_leaf=lambda x: x is None)
+                      is_leaf=is_unmasked)
 
 
 def magnitude(inputs: ScoreInputs) -> Any:
@@ -43,7 +45,7 @@ def gradient_magnitude(inputs: ScoreInputs) -> Any:
 
 def random_uniform(inputs: ScoreInputs) -> Any:
   """Independent U(0, 1) per weight: SET's grow score."""
-  leaves, treedef = jax.tree.flatten(inputs.masks, is_leaf=lambda x: x is None)
+  leaves, treedef = jax.tree.flatten(inputs.masks, is_leaf=is_unmasked)
   keys = jax.random.split(inputs.key, len(leaves))
   scores = [None if m is None else jax.random.uniform(k, m.shape) for k, m in zip(keys, leaves)]
   return jax.tree.unflatten(treedef, scores)

@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax import masks as masks_lib
+from sparsejax.masks import DensePredicate, is_unmasked, nnz_targets, random_masks
 from sparsejax.scores import ScoreFn, ScoreInputs
 from sparsejax.selection import top_k_mask
 
 
 def random_init(sparsity: float, distribution: str | Mapping[str, float],
-                dense: masks_lib.DensePredicate):
+                dense: DensePredicate):
   """``init_masks`` drawing exactly the distribution's non-zero count per leaf at random.
 
   Args:
@@ -31,8 +31,8 @@ def random_init(sparsity: float, distribution: str | Mapping[str, float],
     A function ``(params, key) -> masks``.
   """
   def init_masks(params, key):
-    nnz = masks_lib.nnz_targets(params, sparsity, distribution, dense)
-    return masks_lib.random_masks(key, params, nnz)
+    nnz = nnz_targets(params, sparsity, distribution, dense)
+    return random_masks(key, params, nnz)
 
   return init_masks
 
@@ -77,7 +77,7 @@ def drop_and_grow(drop_score: ScoreFn, grow_score: ScoreFn, drop_fraction: optax
     fraction = drop_fraction(inputs.step)
     masks = jax.tree.map(
         lambda m, d, g: None if m is None else drop_and_grow_leaf(m, d, g, fraction),
-        inputs.masks, drop_score(inputs), grow_score(inputs), is_leaf=lambda x: x is None)
+        inputs.masks, drop_score(inputs), grow_score(inputs), is_leaf=is_unmasked)
     extra = inputs.extra if update_extra is None else update_extra(inputs, masks)
     return masks, extra
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsejax.masks import is_unmasked
 from sparsejax.scores import ScoreInputs
 
 
@@ -51,20 +52,16 @@ class Topology(NamedTuple):
   update_masks: Callable[[ScoreInputs], tuple[Any, Any]] | None = None
 
 
-def _is_none(x: Any) -> bool:
-  return x is None
-
-
 def apply_masks(tree: Any, masks: Any) -> Any:
   """Zeros the entries of ``tree`` where ``masks`` is False; dense leaves pass."""
   return jax.tree.map(lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros_like(x)),
-                      masks, tree, is_leaf=_is_none)
+                      masks, tree, is_leaf=is_unmasked)
 
 
 def _masked_updates(updates: Any, masks: Any, params: Any) -> Any:
   """``where(mask, u, -p)``: after ``apply_updates`` masked weights are exactly 0."""
   return jax.tree.map(lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype),
-                      masks, updates, params, is_leaf=_is_none)
+                      masks, updates, params, is_leaf=is_unmasked)
 
 
 def reset_inner_state(inner: optax.GradientTransformation, inner_state: optax.OptState,
@@ -85,7 +82,7 @@ def reset_inner_state(inner: optax.GradientTransformation, inner_state: optax.Op
     The state with the selected entries reset.
   """
   flags = jax.tree.map(lambda w: jnp.zeros((), bool) if w is None else w, where,
-                       is_leaf=_is_none)
+                       is_leaf=is_unmasked)
   no_reset = jnp.zeros((), bool)
   reset_here = optax.tree_utils.tree_map_params(
       inner, lambda _, flag: flag, inner_state, flags,
@@ -140,9 +137,9 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
                                      lambda key, extra: (state.masks, key, extra),
                                      state.key, state.extra)
     kept = jax.tree.map(lambda new, old: None if new is None else new & old,
-                        masks, state.masks, is_leaf=_is_none)
+                        masks, state.masks, is_leaf=is_unmasked)
     changed = jax.tree.map(lambda new, old: None if new is None else new != old,
-                           masks, state.masks, is_leaf=_is_none)
+                           masks, state.masks, is_leaf=is_unmasked)
     # Weights whose mask changed restart from the inner optimizer's initial state;
     # only weights active before and after the update receive gradient.
     inner_updates, inner_state = inner.update(

@@ -21,7 +21,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax.masks import DensePredicate, keep_small_leaves_dense, masked_leaves, unbox
+from sparsejax.masks import (
+  DensePredicate,
+  is_unmasked,
+  keep_small_leaves_dense,
+  masked_leaves,
+  unbox,
+)
 
 
 class DSTState(NamedTuple):
@@ -42,11 +48,7 @@ def long_tailed_estimator(x: jax.Array) -> jax.Array:
 def threshold_masks(weights: Any, thresholds: Any) -> Any:
   """M = 1[|W| − t > 0] per masked leaf (t broadcast over all axes but the last)."""
   return jax.tree.map(lambda w, t: None if t is None else jnp.abs(w) - t > 0, weights, thresholds,
-                      is_leaf=lambda x: x is None)
-
-
-def _is_none(x: Any) -> bool:
-  return x is None
+                      is_leaf=is_unmasked)
 
 
 def weight_grad(g: jax.Array, w: jax.Array, t: jax.Array, m: jax.Array) -> jax.Array:
@@ -91,7 +93,7 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
     weights = jax.tree.map(lambda p, f: jnp.array(p, copy=True) if f else None, params, flags)
     thresholds = jax.tree.map(lambda p, f: jnp.zeros(jnp.shape(p)[-1:], jnp.result_type(p))
                               if f else None, params, flags)
-    merged = jax.tree.map(lambda w, p: p if w is None else w, weights, params, is_leaf=_is_none)
+    merged = jax.tree.map(lambda w, p: p if w is None else w, weights, params, is_leaf=is_unmasked)
     return DSTState(step=jnp.zeros((), jnp.int32), weights=weights, thresholds=thresholds,
                     masks=threshold_masks(weights, thresholds),
                     inner_state=inner.init((merged, thresholds)))
@@ -100,16 +102,16 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
     if params is None:
       raise ValueError("sparsejax methods need `params` in tx.update(grads, state, params)")
     weights = jax.tree.map(lambda w, p: p if w is None else w, state.weights, params,
-                           is_leaf=_is_none)
+                           is_leaf=is_unmasked)
     grad_w = jax.tree.map(lambda t, g, w, m: g if t is None else weight_grad(g, w, t, m),
-                          state.thresholds, updates, weights, state.masks, is_leaf=_is_none)
+                          state.thresholds, updates, weights, state.masks, is_leaf=is_unmasked)
     grad_t = jax.tree.map(lambda t, g, w: None if t is None else threshold_grad(g, w, t, alpha),
-                          state.thresholds, updates, weights, is_leaf=_is_none)
+                          state.thresholds, updates, weights, is_leaf=is_unmasked)
     (upd_w, upd_t), inner_state = inner.update(
         (grad_w, grad_t), state.inner_state, (weights, state.thresholds), **extra_args)
     new_w, new_t = optax.apply_updates((weights, state.thresholds), (upd_w, upd_t))
     new_t = jax.tree.map(lambda t, w: None if t is None else _recover(t, w), new_t, new_w,
-                         is_leaf=_is_none)
+                         is_leaf=is_unmasked)
     new_masks = threshold_masks(new_w, new_t)
 
     def param_update(m_old, m_new, u, w, p):
@@ -119,8 +121,8 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
       return jnp.where(m_old & m_new, u, jnp.where(m_new, w, 0.0) - p).astype(u.dtype)
 
     out = jax.tree.map(param_update, state.masks, new_masks, upd_w, new_w, params,
-                       is_leaf=_is_none)
-    latent = jax.tree.map(lambda t, w: None if t is None else w, new_t, new_w, is_leaf=_is_none)
+                       is_leaf=is_unmasked)
+    latent = jax.tree.map(lambda t, w: None if t is None else w, new_t, new_w, is_leaf=is_unmasked)
     return out, DSTState(state.step + 1, latent, new_t, new_masks, inner_state)
 
   def _recover(t, w):

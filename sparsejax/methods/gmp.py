@@ -9,7 +9,13 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax import distributions, schedules
-from sparsejax.masks import DensePredicate, keep_small_leaves_dense, masked_leaves, nnz_targets
+from sparsejax.masks import (
+  DensePredicate,
+  is_unmasked,
+  keep_small_leaves_dense,
+  masked_leaves,
+  nnz_targets,
+)
 from sparsejax.scores import ScoreInputs
 from sparsejax.selection import top_k_mask
 from sparsejax.wrapper import Topology, sparse_wrapper
@@ -71,7 +77,7 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
 
     masks = jax.tree.map(lambda m, n, p: None if m is None else prune(m, n, p),
                          inputs.masks, inputs.extra, inputs.params,
-                         is_leaf=lambda x: x is None)
+                         is_leaf=is_unmasked)
     return masks, inputs.extra
 
   topology = Topology(init_masks, init_extra, is_update_step=is_update_step,
