@@ -25,6 +25,21 @@ def is_unmasked(x: Any) -> bool:
   return x is None
 
 
+def map_masked(fn: Callable[..., Any], masks: Any, *trees: Any) -> Any:
+  """``fn(*leaves)`` on every masked leaf; None (a dense leaf) stays None.
+
+  Args:
+    fn: function of one leaf of ``masks`` and the matching leaves of ``trees``.
+    masks: a pytree whose None leaves mark dense leaves (masks, thresholds, counts).
+    *trees: pytrees with the structure of the params (or of ``masks``).
+
+  Returns:
+    A pytree like ``masks``.
+  """
+  return jax.tree.map(lambda m, *xs: None if m is None else fn(m, *xs), masks, *trees,
+                      is_leaf=is_unmasked)
+
+
 def keep_small_leaves_dense(path: str, leaf: Any) -> bool:
   """Default ``dense`` predicate: leaves with fewer than two axes (biases, scales)."""
   del path
@@ -52,8 +67,15 @@ def leaf_names(tree: Any) -> list[str]:
 
 
 def masked_leaves(params: Any, dense: DensePredicate = keep_small_leaves_dense) -> Any:
-  """Pytree like ``params``: True where a leaf is masked, False where it stays dense."""
-  return jax.tree_util.tree_map_with_path(lambda p, x: not dense(path_name(p), x), params)
+  """Pytree like ``params``: True where a leaf is masked, False where it stays dense.
+
+  Raises:
+    ValueError: when ``dense`` keeps every leaf dense.
+  """
+  flags = jax.tree_util.tree_map_with_path(lambda p, x: not dense(path_name(p), x), params)
+  if not any(jax.tree.leaves(flags)):
+    raise ValueError("the `dense` predicate keeps every parameter dense: nothing to sparsify")
+  return flags
 
 
 def nnz_targets(params: Any, sparsity: float, distribution: str | Mapping[str, float],
@@ -76,8 +98,6 @@ def nnz_targets(params: Any, sparsity: float, distribution: str | Mapping[str, f
   leaves = jax.tree.leaves(params)
   names = leaf_names(params)
   chosen = [i for i, flag in enumerate(flags) if flag]
-  if not chosen:
-    raise ValueError("the `dense` predicate keeps every parameter dense: nothing to sparsify")
   counts = distributions.allocate_nnz_by_name(
       [names[i] for i in chosen], [jnp.shape(leaves[i]) for i in chosen], sparsity,
       distribution)

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sparsejax.masks import is_unmasked
+from sparsejax.masks import is_unmasked, map_masked
 
 
 class ScoreInputs(NamedTuple):
@@ -28,19 +28,14 @@ class ScoreInputs(NamedTuple):
 ScoreFn = Callable[[ScoreInputs], Any]
 
 
-def _over_masked(fn: Callable[..., jax.Array], masks: Any, *trees: Any) -> Any:
-  return jax.tree.map(lambda m, *xs: None if m is None else fn(*xs), masks, *trees,
-                      is_leaf=is_unmasked)
-
-
 def magnitude(inputs: ScoreInputs) -> Any:
   """|w|: the drop score of SET, RigL and their relatives."""
-  return _over_masked(jnp.abs, inputs.masks, inputs.params)
+  return map_masked(lambda _, p: jnp.abs(p), inputs.masks, inputs.params)
 
 
 def gradient_magnitude(inputs: ScoreInputs) -> Any:
   """|∂L/∂w| of the dense gradient: RigL's grow score."""
-  return _over_masked(jnp.abs, inputs.masks, inputs.grads)
+  return map_masked(lambda _, g: jnp.abs(g), inputs.masks, inputs.grads)
 
 
 def random_uniform(inputs: ScoreInputs) -> Any:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax.masks import DensePredicate, is_unmasked, nnz_targets, random_masks
+from sparsejax.masks import DensePredicate, map_masked, nnz_targets, random_masks
 from sparsejax.scores import ScoreFn, ScoreInputs
 from sparsejax.selection import top_k_mask
 
@@ -75,9 +75,8 @@ def drop_and_grow(drop_score: ScoreFn, grow_score: ScoreFn, drop_fraction: optax
   """
   def update_masks(inputs: ScoreInputs):
     fraction = drop_fraction(inputs.step)
-    masks = jax.tree.map(
-        lambda m, d, g: None if m is None else drop_and_grow_leaf(m, d, g, fraction),
-        inputs.masks, drop_score(inputs), grow_score(inputs), is_leaf=is_unmasked)
+    masks = map_masked(lambda m, d, g: drop_and_grow_leaf(m, d, g, fraction),
+                       inputs.masks, drop_score(inputs), grow_score(inputs))
     extra = inputs.extra if update_extra is None else update_extra(inputs, masks)
     return masks, extra
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax.masks import is_unmasked
+from sparsejax.masks import is_unmasked, map_masked
 from sparsejax.scores import ScoreInputs
 
 
@@ -91,6 +91,12 @@ def reset_inner_state(inner: optax.GradientTransformation, inner_state: optax.Op
   return jax.tree.map(lambda s, f, r: jnp.where(r, f, s), inner_state, fresh, reset_here)
 
 
+def require_params(params: Any) -> None:
+  """Raises ValueError when ``tx.update`` was called without ``params``."""
+  if params is None:
+    raise ValueError("sparsejax methods need `params` in tx.update(grads, state, params)")
+
+
 def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
                    seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that the params follow the masks of ``topology``.
@@ -115,8 +121,7 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
                        extra=topology.init_extra(params, masks))
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError("sparsejax methods need `params` in tx.update(grads, state, params)")
+    require_params(params)
     step = state.step + 1
     if topology.update_masks is None:
       inner_updates, inner_state = inner.update(
@@ -136,10 +141,8 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
     masks, key, extra = jax.lax.cond(topology.is_update_step(step), rewire,
                                      lambda key, extra: (state.masks, key, extra),
                                      state.key, state.extra)
-    kept = jax.tree.map(lambda new, old: None if new is None else new & old,
-                        masks, state.masks, is_leaf=is_unmasked)
-    changed = jax.tree.map(lambda new, old: None if new is None else new != old,
-                           masks, state.masks, is_leaf=is_unmasked)
+    kept = map_masked(jnp.logical_and, masks, state.masks)
+    changed = map_masked(jnp.not_equal, masks, state.masks)
     # Weights whose mask changed restart from the inner optimizer's initial state;
     # only weights active before and after the update receive gradient.
     inner_updates, inner_state = inner.update(

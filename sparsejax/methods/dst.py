@@ -25,9 +25,11 @@ from sparsejax.masks import (
   DensePredicate,
   is_unmasked,
   keep_small_leaves_dense,
+  map_masked,
   masked_leaves,
   unbox,
 )
+from sparsejax.wrapper import require_params
 
 
 class DSTState(NamedTuple):
@@ -47,8 +49,7 @@ def long_tailed_estimator(x: jax.Array) -> jax.Array:
 
 def threshold_masks(weights: Any, thresholds: Any) -> Any:
   """M = 1[|W| − t > 0] per masked leaf (t broadcast over all axes but the last)."""
-  return jax.tree.map(lambda w, t: None if t is None else jnp.abs(w) - t > 0, weights, thresholds,
-                      is_leaf=is_unmasked)
+  return map_masked(lambda t, w: jnp.abs(w) - t > 0, thresholds, weights)
 
 
 def weight_grad(g: jax.Array, w: jax.Array, t: jax.Array, m: jax.Array) -> jax.Array:
@@ -87,8 +88,6 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
 
   def init_fn(params):
     flags = masked_leaves(params, dense)
-    if not any(jax.tree.leaves(flags)):
-      raise ValueError("the `dense` predicate keeps every parameter dense: nothing to sparsify")
     # A copy, not the params' own buffers: a train step may donate params and state.
     weights = jax.tree.map(lambda p, f: jnp.array(p, copy=True) if f else None, params, flags)
     thresholds = jax.tree.map(lambda p, f: jnp.zeros(jnp.shape(p)[-1:], jnp.result_type(p))
@@ -99,19 +98,17 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
                     inner_state=inner.init((merged, thresholds)))
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError("sparsejax methods need `params` in tx.update(grads, state, params)")
+    require_params(params)
     weights = jax.tree.map(lambda w, p: p if w is None else w, state.weights, params,
                            is_leaf=is_unmasked)
     grad_w = jax.tree.map(lambda t, g, w, m: g if t is None else weight_grad(g, w, t, m),
                           state.thresholds, updates, weights, state.masks, is_leaf=is_unmasked)
-    grad_t = jax.tree.map(lambda t, g, w: None if t is None else threshold_grad(g, w, t, alpha),
-                          state.thresholds, updates, weights, is_leaf=is_unmasked)
+    grad_t = map_masked(lambda t, g, w: threshold_grad(g, w, t, alpha),
+                        state.thresholds, updates, weights)
     (upd_w, upd_t), inner_state = inner.update(
         (grad_w, grad_t), state.inner_state, (weights, state.thresholds), **extra_args)
     new_w, new_t = optax.apply_updates((weights, state.thresholds), (upd_w, upd_t))
-    new_t = jax.tree.map(lambda t, w: None if t is None else _recover(t, w), new_t, new_w,
-                         is_leaf=is_unmasked)
+    new_t = map_masked(_recover, new_t, new_w)
     new_masks = threshold_masks(new_w, new_t)
 
     def param_update(m_old, m_new, u, w, p):
@@ -122,7 +119,7 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
 
     out = jax.tree.map(param_update, state.masks, new_masks, upd_w, new_w, params,
                        is_leaf=is_unmasked)
-    latent = jax.tree.map(lambda t, w: None if t is None else w, new_t, new_w, is_leaf=is_unmasked)
+    latent = map_masked(lambda t, w: w, new_t, new_w)
     return out, DSTState(state.step + 1, latent, new_t, new_masks, inner_state)
 
   def _recover(t, w):

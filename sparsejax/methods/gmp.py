@@ -11,8 +11,8 @@ import optax
 from sparsejax import distributions, schedules
 from sparsejax.masks import (
   DensePredicate,
-  is_unmasked,
   keep_small_leaves_dense,
+  map_masked,
   masked_leaves,
   nnz_targets,
 )
@@ -75,9 +75,7 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
       nnz = jnp.minimum(nnz.astype(jnp.int32), mask.sum(dtype=jnp.int32))
       return top_k_mask(jnp.abs(param), nnz, eligible=mask)
 
-    masks = jax.tree.map(lambda m, n, p: None if m is None else prune(m, n, p),
-                         inputs.masks, inputs.extra, inputs.params,
-                         is_leaf=is_unmasked)
+    masks = map_masked(prune, inputs.masks, inputs.extra, inputs.params)
     return masks, inputs.extra
 
   topology = Topology(init_masks, init_extra, is_update_step=is_update_step,

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sparsejax.masks import DensePredicate, is_unmasked, keep_small_leaves_dense, nnz_targets
+from sparsejax.masks import DensePredicate, keep_small_leaves_dense, map_masked, nnz_targets
 from sparsejax.selection import top_k_mask
 from sparsejax.wrapper import apply_masks
 
@@ -39,6 +39,5 @@ def prune(params: Any, *, sparsity: float, criterion: str = "magnitude", grads: 
     raise ValueError("criterion='snip' needs `grads`")
   nnz = nnz_targets(params, sparsity, distribution, dense)
   saliency = params if criterion == "magnitude" else jax.tree.map(jnp.multiply, params, grads)
-  masks = jax.tree.map(lambda n, s: None if n is None else top_k_mask(jnp.abs(s), n),
-                       nnz, saliency, is_leaf=is_unmasked)
+  masks = map_masked(lambda n, s: top_k_mask(jnp.abs(s), n), nnz, saliency)
   return apply_masks(params, masks), masks
