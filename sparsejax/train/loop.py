@@ -258,19 +258,15 @@ def evaluate(experiment: Experiment, params: Any) -> float:
   return int(total) / len(labels)
 
 
-def measured_sparsity(experiment: Experiment, opt_state: optax.OptState) -> float:
-  """Global sparsity of the masked leaves from :func:`sparsejax.summary`; 0.0 for dense."""
+def measured_sparsity(experiment: Experiment, opt_state: optax.OptState
+                      ) -> tuple[float, dict[str, float]]:
+  """Global sparsity and ``{path: sparsity}`` of the masked leaves, from one
+  :func:`sparsejax.summary`; ``(0.0, {})`` for dense."""
   if is_dense(experiment):
-    return 0.0
-  return float(sparsejax.summary(opt_state)["sparsity"])
-
-
-def layer_sparsities(experiment: Experiment, opt_state: optax.OptState) -> dict[str, float]:
-  """``{path: sparsity}`` of the masked leaves from :func:`sparsejax.summary`; {} for dense."""
-  if is_dense(experiment):
-    return {}
-  return {path: float(layer["sparsity"])
-          for path, layer in sparsejax.summary(opt_state)["layers"].items()}
+    return 0.0, {}
+  stats = sparsejax.summary(opt_state)
+  return float(stats["sparsity"]), {path: float(layer["sparsity"])
+                                    for path, layer in stats["layers"].items()}
 
 
 def run(experiment: Experiment) -> dict[str, Any]:
@@ -289,9 +285,8 @@ def run(experiment: Experiment) -> dict[str, Any]:
   result = train(experiment)
   accuracy = evaluate(experiment, result.params)
   seconds = time.perf_counter() - start
-  return {"method": experiment.config.sparse.method,
-          "sparsity": measured_sparsity(experiment, result.opt_state),
-          "layers": layer_sparsities(experiment, result.opt_state),
+  sparsity, layers = measured_sparsity(experiment, result.opt_state)
+  return {"method": experiment.config.sparse.method, "sparsity": sparsity, "layers": layers,
           "test_accuracy": accuracy, "train_loss": result.train_loss, "steps": result.steps,
           "seconds": seconds, "history": list(result.history)}
 
