@@ -1,32 +1,30 @@
-"""The training loop and models used by the experiments."""
+"""The experiment runner: configs, the training loop, checkpoints, metrics logs, models."""
 
 from sparsejax.train.experiment_config import validate_config, with_method
 from sparsejax.train.loop import (
     Experiment,
-    TrainResult,
+    TrainState,
     build_optimizer,
-    evaluate,
+    check_workdir,
+    load_data,
+    make_evaluate,
+    make_train_step,
     run,
     setup,
-    train,
-    train_and_evaluate,
 )
-from sparsejax.train.models import LeNet5Caffe, LeNet300100, get_model
-from sparsejax.train.plots import plot_density
+from sparsejax.train.models import get_model
 
 __all__ = [
     "Experiment",
-    "LeNet300100",
-    "LeNet5Caffe",
-    "TrainResult",
+    "TrainState",
     "build_optimizer",
-    "evaluate",
+    "check_workdir",
     "get_model",
-    "plot_density",
+    "load_data",
+    "make_evaluate",
+    "make_train_step",
     "run",
     "setup",
-    "train",
-    "train_and_evaluate",
     "validate_config",
     "with_method",
 ]

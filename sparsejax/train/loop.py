@@ -1,318 +1,424 @@
-"""The training loop of the experiments: a Flax model, an optax optimizer, a sparsejax wrapper.
+"""The training loop of the experiments: a Flax model, an optax optimizer, a sparsejax method.
 
-``train_and_evaluate(config)`` validates the config, builds the optimizer and its
-state (so that every config error is raised before the first step), trains with a
-jitted step and evaluates on the whole test set. The steps are split so that a
-runner can build several experiments first and train them afterwards::
+::
 
-  experiment = setup(config)          # raises ValueError for a bad config
-  result = train(experiment)          # params, opt_state, train loss, steps, density history
-  accuracy = evaluate(experiment, result.params)
+  experiment = setup(config)                # every config error is raised here
+  summary = run(experiment, workdir="DIR")  # trains (or resumes), evaluates, writes DIR
 
-For a sparse method, ``train`` also records the global and per-layer density of the
-masks after initialisation and at the end of every epoch (:func:`density_record`):
-one host read of the masks per epoch, outside the jitted step.
+With a ``workdir``, the run writes ``config.json``, ``metrics.jsonl`` (one row every
+``log_every`` steps; evaluation rows every ``eval_every`` steps and at the end),
+TensorBoard event files, orbax checkpoints in ``checkpoints/`` (every
+``checkpoint_every`` steps and at the end) and ``summary.json``. Starting again with
+the same workdir resumes from the newest checkpoint; a run killed at any point and
+restarted ends with the same params and the same ``metrics.jsonl``, bit for bit.
 
-The config keys are described in :mod:`sparsejax.train.experiment_config`.
+Everything a step changes lives in one :class:`TrainState` pytree, running metrics
+included, and the batch of step ``s`` is a pure function of the seed and ``s``: this
+is what makes resuming exact.
 """
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 import functools
-import itertools
+import json
+import os
+from pathlib import Path
 import time
 from typing import Any, NamedTuple
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 import sparsejax
-from sparsejax.data import batches, load_idx_dataset
-from sparsejax.train.experiment_config import (
-  make_optimizer,
-  resolve_sparse,
-  total_steps,
-  validate_config,
-  warn_if_static,
-)
+from sparsejax import metrics
+from sparsejax.data import NORMALIZATION, TrainPipeline, eval_batches, load_source, num_classes
+from sparsejax.train import experiment_config as cfg
+from sparsejax.train.checkpoints import Checkpointer
+from sparsejax.train.logs import MetricsWriter, Progress, plain
 from sparsejax.train.models import get_model
 
-Data = Mapping[str, Mapping[str, np.ndarray]]
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class Tracker(NamedTuple):
+  """Running metrics kept on the device (and in checkpoints) between logged rows."""
+  loss_sum: jax.Array  # training loss summed since the last logged row
+  loss_count: jax.Array  # steps since the last logged row
+  flops: jax.Array  # sparse training FLOPs per example since the last host flush
+  ever_active: Any  # masks of the weights active at some step so far (None when dense)
+  eval_masks: Any  # masks at the last evaluation row, for churn (None when dense)
+
+
+class TrainState(NamedTuple):
+  """Everything a training step reads and writes."""
+  step: jax.Array  # int32, steps taken
+  params: Any
+  model_state: Any  # mutable collections, e.g. {"batch_stats": ...}; {} if none
+  opt_state: optax.OptState
+  tracker: Tracker
 
 
 class Experiment(NamedTuple):
-  """Everything built from a config before training; its construction validates the config."""
-  config: ml_collections.ConfigDict  # with ``sparse.end_step`` resolved
+  """Everything built from a config before training; building it validates the config."""
+  config: ml_collections.ConfigDict  # with ``sparse`` resolved (defaults, end_step)
   model: nn.Module
   tx: optax.GradientTransformation
-  params: Any
-  opt_state: optax.OptState
-  data: Data
+  state: TrainState  # the initial state
+  pipeline: TrainPipeline
+  test: Any  # the test source
   num_steps: int
+  steps_per_epoch: int
+  positions: Mapping[str, int]  # kernel output positions per example (FLOPs)
+  dense_flops: float  # forward FLOPs per example of the dense model
+  learning_rate: optax.Schedule
+
+  @property
+  def method(self) -> str:
+    return self.config.sparse.method
+
+  @property
+  def is_dense(self) -> bool:
+    return self.method == "dense"
 
 
-class TrainResult(NamedTuple):
-  """The outcome of :func:`train`."""
-  params: Any
-  opt_state: optax.OptState
-  train_loss: float  # mean loss over the last epoch's worth of steps
-  steps: int
-  history: Sequence[dict[str, Any]] = ()  # density records (density_record); empty for dense
+def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """The train and test sources of ``config.data``.
 
-
-@functools.cache
-def _init_fn(model_name: str):
-  """A jitted ``model.init``, shared by the experiments of a process (compiled once)."""
-  return jax.jit(get_model(model_name).init)
-
-
-@functools.cache
-def _correct_fn(model_name: str):
-  """A jitted count of correct predictions among the valid examples of a batch."""
-  model = get_model(model_name)
-
-  @jax.jit
-  def correct(params, images, labels, valid):
-    predictions = jnp.argmax(model.apply({"params": params}, images), axis=-1)
-    return jnp.sum((predictions == labels) & valid)
-
-  return correct
+  Raises:
+    FileNotFoundError, ValueError: when the data cannot be found or read (one line).
+  """
+  data = config.data
+  return tuple(load_source(data.dataset, split, data.data_dir, data.download)
+               for split in ("train", "test"))
 
 
 def build_optimizer(config: ml_collections.ConfigDict, num_train: int
-                    ) -> tuple[optax.GradientTransformation, dict[str, Any], int]:
-  """Builds the optimizer of ``config`` without compiling anything (a cheap config check).
+                    ) -> tuple[optax.GradientTransformation, dict[str, Any], int, int]:
+  """The optimizer of ``config``: the inner optimizer wrapped by ``config.sparse``.
 
   Args:
-    config: a config that passed :func:`validate_config`.
-    num_train: number of training examples.
+    config: a validated experiment config.
+    num_train: training examples (for the step counts).
 
   Returns:
-    ``(tx, sparse, num_steps)``: the optimizer, the resolved ``sparse`` keywords and
-    the total number of training steps.
+    ``(tx, sparse, num_steps, steps_per_epoch)``: ``sparse`` is the resolved section.
 
   Raises:
     ValueError: for a bad ``batch_size`` or ``sparse`` section.
   """
-  num_steps = total_steps(config, num_train)
-  sparse = resolve_sparse(config.sparse, num_steps)
+  per_epoch = cfg.steps_per_epoch(config, num_train)
+  num_steps = cfg.total_steps(config, num_train)
+  sparse = cfg.resolve_sparse(config.sparse, num_steps,
+                              config.get("sparse_end_fraction", cfg.END_STEP_FRACTION))
   try:
-    tx = sparsejax.from_config(sparse, make_optimizer(config))
+    tx = sparsejax.from_config(sparse, cfg.make_optimizer(config.optimizer, per_epoch))
   except (ValueError, TypeError) as e:
     raise ValueError(f"config.sparse: {e}") from e
-  return tx, sparse, num_steps
+  return tx, sparse, num_steps, per_epoch
 
 
-def setup(config: ml_collections.ConfigDict, data: Data | None = None) -> Experiment:
-  """Validates ``config``, loads the data, and builds the model, optimizer and states.
+def _masks(opt_state: optax.OptState) -> Any:
+  """The masks of a sparsejax state; None for a dense optimizer."""
+  return optax.tree_utils.tree_get(opt_state, "masks")
+
+
+def initial_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
+                  sample: jax.Array) -> TrainState:
+  """Initialises the model (from ``seed``), the optimizer and the running metrics."""
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.PRNGKey(seed), sample)
+  params = variables.pop("params")
+  # Jitted: an eager init dispatches hundreds of small ops (seconds on CPU).
+  opt_state = jax.jit(tx.init)(params)
+  masks = _masks(opt_state)
+  copy = functools.partial(jax.tree.map, jnp.copy)  # own buffers: the train step donates
+  tracker = Tracker(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+                    jnp.zeros((), jnp.float32), copy(masks), copy(masks))
+  return TrainState(jnp.zeros((), jnp.int32), params, dict(variables), opt_state, tracker)
+
+
+def setup(config: ml_collections.ConfigDict, data: tuple[Any, Any] | None = None) -> Experiment:
+  """Validates ``config``, loads the data and builds the model, optimizer and initial state.
 
   Args:
     config: the experiment config.
-    data: ``{"train": {"image", "label"}, "test": {...}}``; None to load the IDX
-      dataset named by ``config.dataset`` (default "fashion_mnist") from ``config.data_dir``.
+    data: ``(train_source, test_source)``; None to load ``config.data``.
 
   Returns:
-    An :class:`Experiment` ready for :func:`train`.
+    An :class:`Experiment` ready for :func:`run`.
 
   Raises:
-    ValueError: for a bad config, including the ``sparse`` section (sparsejax's errors
-      are re-raised with a ``config.sparse`` prefix).
+    ValueError: for a bad config, naming the key (sparsejax's own errors come with
+      a ``config.sparse`` prefix).
     FileNotFoundError: when the dataset is not found.
   """
-  validate_config(config)
-  if data is None:
-    data = load_idx_dataset(config.get("dataset", "fashion_mnist"), config.get("data_dir"))
-  tx, sparse, num_steps = build_optimizer(config, len(data["train"]["label"]))
-  warn_if_static(sparse)
-  model = get_model(config.model)
-  params = _init_fn(config.model)(jax.random.PRNGKey(config.seed),
-                                  data["train"]["image"][:1])["params"]
+  cfg.validate_config(config)
+  train_source, test_source = data if data is not None else load_data(config)
+  tx, sparse, num_steps, per_epoch = build_optimizer(config, len(train_source))
+  dataset = config.data.dataset
+  mean, std = NORMALIZATION.get(dataset, (None, None)) if config.data.normalize else (None, None)
+  if config.data.normalize and mean is None:
+    raise ValueError(f"config.data.normalize: no per-channel statistics for {dataset!r}")
+  pipeline = TrainPipeline(train_source, batch_size=config.batch_size, seed=config.seed,
+                           crop_padding=config.data.crop_padding, flip=config.data.flip,
+                           mean=mean, std=std)
+  model = get_model(config.model, num_classes(dataset, config.data.data_dir))
+  sample = pipeline.batch(0)["image"][:1]
   try:
-    # Jitted: eager initialisation dispatches hundreds of small ops (seconds on CPU).
-    opt_state = jax.jit(tx.init)(params)
+    state = initial_state(model, tx, config.seed, sample)
   except (ValueError, TypeError) as e:
     raise ValueError(f"config.sparse: {e}") from e
+  positions = metrics.kernel_positions(
+      model, {"params": state.params, **state.model_state}, sample, train=False)
+  _, dense_flops = metrics.forward_flops(state.params, None, positions)
   config = config.copy_and_resolve_references()
   config.sparse = ml_collections.ConfigDict(sparse)
-  return Experiment(config, model, tx, params, opt_state, data, num_steps)
+  return Experiment(config, model, tx, state, pipeline, test_source, num_steps, per_epoch,
+                    positions, dense_flops, cfg.learning_rate_schedule(config.optimizer,
+                                                                       per_epoch))
 
 
-def _loss(model: nn.Module, params: Any, images: jax.Array, labels: jax.Array) -> jax.Array:
-  logits = model.apply({"params": params}, images)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def _apply(model: nn.Module, params: Any, model_state: Any, images: jax.Array, train: bool):
+  """Logits and the new model state (unchanged when not training or stateless)."""
+  variables = {"params": params, **model_state}
+  if train and model_state:
+    logits, new_state = model.apply(variables, images, train=True, mutable=list(model_state))
+    return logits, dict(new_state)
+  return model.apply(variables, images, train=train), model_state
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation):
-  """A jitted ``(params, opt_state, images, labels) -> (params, opt_state, loss)``."""
+def make_train_step(experiment: Experiment) -> Callable[[TrainState, Any], TrainState]:
+  """The jitted ``(state, batch) -> state`` of ``experiment`` (state donated)."""
+  model, tx = experiment.model, experiment.tx
+  dense_gradient = (metrics.dense_gradient_steps(experiment.config.sparse)
+                    if not experiment.is_dense else None)
+
+  def loss_fn(params, model_state, batch):
+    logits, model_state = _apply(model, params, model_state, batch["image"], train=True)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, model_state
+
+  def train_step(state: TrainState, batch) -> TrainState:
+    (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.model_state, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    tracker = state.tracker._replace(loss_sum=state.tracker.loss_sum + loss,
+                                     loss_count=state.tracker.loss_count + 1)
+    if dense_gradient is not None:  # FLOPs with the masks this step's forward pass used
+      sparse, dense = metrics.forward_flops(state.params, _masks(state.opt_state),
+                                            experiment.positions)
+      step_flops = metrics.training_flops(sparse, dense, dense_gradient(state.step + 1))
+      tracker = tracker._replace(
+          flops=tracker.flops + step_flops,
+          ever_active=metrics.ever_active(tracker.ever_active, _masks(opt_state)))
+    return TrainState(state.step + 1, params, model_state, opt_state, tracker)
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_evaluate(experiment: Experiment) -> Callable[[TrainState], tuple[float, float]]:
+  """``state -> (test_loss, test_accuracy)`` over the whole test split."""
+  model = experiment.model
+
   @jax.jit
-  def train_step(params, opt_state, images, labels):
-    loss, grads = jax.value_and_grad(lambda p: _loss(model, p, images, labels))(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def batch_sums(state, images, labels, valid):
+    logits, _ = _apply(model, state.params, state.model_state, images, train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = jnp.argmax(logits, -1) == labels
+    return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(correct & valid)
 
-  return train_step
+  pipeline, size = experiment.pipeline, experiment.config.eval_batch_size
+
+  def evaluate(state: TrainState) -> tuple[float, float]:
+    loss, correct, count = jnp.zeros(()), jnp.zeros((), jnp.int32), 0
+    for images, labels, valid in eval_batches(experiment.test, size, pipeline.mean,
+                                              pipeline.std):
+      batch_loss, batch_correct = batch_sums(state, images, labels, valid)
+      loss, correct, count = loss + batch_loss, correct + batch_correct, count + int(valid.sum())
+    return float(loss) / count, int(correct) / count
+
+  return evaluate
 
 
-def is_dense(experiment: Experiment) -> bool:
-  """Whether ``experiment`` trains without a sparsejax method (no masks to read)."""
-  return experiment.config.sparse.method == "dense"
+class Totals(NamedTuple):
+  """Host-side running totals, saved in each checkpoint's record (exact in JSON)."""
+  train_flops: float = 0.0  # sparse training FLOPs so far (whole batches)
 
 
-def density_record(opt_state: optax.OptState, step: int, epoch: int) -> dict[str, Any]:
-  """The global and per-layer density (1 − sparsity) of the masks in ``opt_state``.
+def _row(experiment: Experiment, state: TrainState, totals: Totals,
+         evaluation: tuple[float, float] | None) -> dict[str, Any]:
+  """The ``metrics.jsonl`` row of ``state`` (an evaluation row when ``evaluation`` is given)."""
+  step = int(state.step)
+  tracker = state.tracker
+  row = {"step": step, "epoch": step / experiment.steps_per_epoch,
+         "train_loss": float(tracker.loss_sum) / max(int(tracker.loss_count), 1),
+         "learning_rate": float(experiment.learning_rate(step - 1)), "sparsity": 0.0}
+  masks = _masks(state.opt_state)
+  stats = None if experiment.is_dense else metrics.mask_statistics(
+      masks, tracker.ever_active, tracker.eval_masks)
+  if stats is not None:
+    row["sparsity"] = stats["sparsity"]
+  if evaluation is None:
+    return row
+  batch = experiment.config.batch_size
+  dense_per_step = 3.0 * experiment.dense_flops * batch
+  sparse_forward, _ = metrics.forward_flops(state.params, masks, experiment.positions)
+  row.update(test_loss=evaluation[0], test_accuracy=evaluation[1],
+             layers=stats["layers"] if stats is not None else {},
+             train_flops=totals.train_flops if stats is not None else dense_per_step * step,
+             train_flops_dense=dense_per_step * step,
+             inference_flops=float(sparse_forward), inference_flops_dense=experiment.dense_flops)
+  if experiment.method in metrics.DYNAMIC_METHODS:
+    row.update(coverage=stats["coverage"], churn=stats["churn"])
+  return row
 
-  Reads the masks on the host (:func:`sparsejax.summary`); call it between steps.
+
+def _flush(state: TrainState, totals: Totals, batch_size: int) -> tuple[TrainState, Totals]:
+  """Moves the device FLOPs accumulator into the host totals (float64)."""
+  totals = Totals(totals.train_flops + float(state.tracker.flops) * batch_size)
+  return state._replace(tracker=state.tracker._replace(
+      flops=jnp.zeros((), jnp.float32))), totals
+
+
+def check_workdir(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError when ``workdir`` holds a run of a different config (nothing is touched).
 
   Args:
-    opt_state: the state of a sparsejax method.
-    step: optimizer steps taken so far.
-    epoch: epochs started so far (0 after initialisation).
-
-  Returns:
-    ``{"step", "epoch", "density", "layers": {path: density}}``, densities as nnz / size.
+    workdir: the run directory (may not exist yet).
+    config: the resolved config of the run about to start.
   """
-  stats = sparsejax.summary(opt_state)
-  layers = {path: layer["nnz"] / layer["size"] for path, layer in stats["layers"].items()}
-  density = stats["nnz"] / stats["size"] if stats["size"] else 1.0
-  return {"step": step, "epoch": epoch, "density": density, "layers": layers}
+  path = Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    return
+  saved, current = json.loads(path.read_text()), json.loads(config.to_json_best_effort())
+  difference = _first_difference(saved, current)
+  if difference is not None:
+    key, old, new = difference
+    raise ValueError(f"{workdir} holds a run with config.{key} = {old!r}, not {new!r}: use "
+                     "another --workdir (or delete that run) to train this config")
 
 
-def train(experiment: Experiment) -> TrainResult:
-  """Trains for ``experiment.num_steps`` steps over shuffled epochs of the train split.
+def _first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+  if isinstance(old, dict) and isinstance(new, dict):
+    for key in sorted(set(old) | set(new)):
+      found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+      if found is not None:
+        return found
+    return None
+  return None if old == new else (prefix.rstrip("."), old, new)
 
-  For a sparse method, the density of the masks is recorded after initialisation
-  (step 0, epoch 0) and at the end of every epoch; a last epoch cut short by
-  ``num_steps`` is recorded at the final step.
+
+def run(experiment: Experiment, workdir: str | os.PathLike[str] | None = None,
+        show_progress: bool = True) -> dict[str, Any]:
+  """Trains ``experiment`` (resuming from ``workdir`` if it holds a checkpoint) and evaluates it.
 
   Args:
     experiment: from :func:`setup`.
+    workdir: the run directory, or None to keep nothing on disk.
+    show_progress: draw a progress bar (on a terminal) or log evaluation rows.
 
   Returns:
-    The trained params and optimizer state, the mean loss of the last epoch's worth
-    of steps, the number of steps and the density history (empty for dense).
-  """
-  config, train_split = experiment.config, experiment.data["train"]
-  steps_per_epoch = len(train_split["label"]) // config.batch_size
-  train_step = make_train_step(experiment.model, experiment.tx)
-  params, opt_state = experiment.params, experiment.opt_state
-  recent = collections.deque(maxlen=max(1, min(steps_per_epoch, experiment.num_steps)))
-  track = not is_dense(experiment)
-  history = [density_record(opt_state, 0, 0)] if track else []
-  step = 0
-  for epoch in itertools.count():
-    for images, labels in batches(train_split["image"], train_split["label"], config.batch_size,
-                                  seed=config.seed, epoch=epoch):
-      params, opt_state, loss = train_step(params, opt_state, images, labels)
-      recent.append(loss)
-      step += 1
-      if step == experiment.num_steps:
-        break
-    if track:
-      history.append(density_record(opt_state, step, epoch + 1))
-    _log_epoch(config.sparse.method, epoch + 1, step, float(recent[-1]),
-               history[-1] if track else None)
-    if step == experiment.num_steps:
-      break
-  train_loss = float(jnp.mean(jnp.stack(list(recent))))
-  return TrainResult(params, opt_state, train_loss, step, history)
-
-
-def _log_epoch(method: str, epoch: int, step: int, loss: float,
-               record: dict[str, Any] | None) -> None:
-  if record is None:
-    logging.info("%s: epoch %d, step %d, loss %.4f", method, epoch, step, loss)
-  else:
-    logging.info("%s: epoch %d, step %d, loss %.4f, density %.4f", method, epoch, step, loss,
-                 record["density"])
-
-
-def evaluate(experiment: Experiment, params: Any) -> float:
-  """Accuracy on the whole test split, in batches of ``eval_batch_size`` (the last one padded).
-
-  Args:
-    experiment: from :func:`setup`.
-    params: the params to evaluate.
-
-  Returns:
-    The fraction of correctly classified test examples.
-  """
-  size = experiment.config.eval_batch_size
-  images, labels = experiment.data["test"]["image"], experiment.data["test"]["label"]
-  correct = _correct_fn(experiment.config.model)
-  total = jnp.zeros((), jnp.int32)
-  for start in range(0, len(labels), size):
-    batch_images, batch_labels = images[start:start + size], labels[start:start + size]
-    pad = size - len(batch_labels)
-    valid = np.arange(size) < len(batch_labels)
-    if pad:
-      batch_images = np.concatenate([batch_images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-      batch_labels = np.concatenate([batch_labels, np.zeros((pad,), labels.dtype)])
-    total = total + correct(params, batch_images, batch_labels, valid)
-  return int(total) / len(labels)
-
-
-def measured_sparsity(experiment: Experiment, opt_state: optax.OptState
-                      ) -> tuple[float, dict[str, float]]:
-  """Global sparsity and ``{path: sparsity}`` of the masked leaves, from one
-  :func:`sparsejax.summary`; ``(0.0, {})`` for dense."""
-  if is_dense(experiment):
-    return 0.0, {}
-  stats = sparsejax.summary(opt_state)
-  return float(stats["sparsity"]), {path: float(layer["sparsity"])
-                                    for path, layer in stats["layers"].items()}
-
-
-def run(experiment: Experiment) -> dict[str, Any]:
-  """Trains and evaluates an experiment built by :func:`setup`.
-
-  Args:
-    experiment: from :func:`setup`.
-
-  Returns:
-    ``{"method", "sparsity", "layers", "test_accuracy", "train_loss", "steps", "seconds",
-    "history"}``; ``layers`` maps each masked leaf to its final sparsity, ``history``
-    lists the density records of :func:`train`, ``seconds`` is the wall time of
-    training and evaluation, compilation included.
-  """
-  start = time.perf_counter()
-  result = train(experiment)
-  accuracy = evaluate(experiment, result.params)
-  seconds = time.perf_counter() - start
-  sparsity, layers = measured_sparsity(experiment, result.opt_state)
-  return {"method": experiment.config.sparse.method, "sparsity": sparsity, "layers": layers,
-          "test_accuracy": accuracy, "train_loss": result.train_loss, "steps": result.steps,
-          "seconds": seconds, "history": list(result.history)}
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, data: Data | None = None
-                       ) -> dict[str, Any]:
-  """Trains the configured model and method, then evaluates it on the test split.
-
-  The config is validated and the optimizer built and initialised before any
-  training step, so a bad config fails fast.
-
-  Args:
-    config: the experiment config (see the module docstring).
-    data: optional in-memory dataset, as returned by :func:`sparsejax.data.load_idx_dataset`.
-
-  Returns:
-    ``{"method", "sparsity", "layers", "test_accuracy", "train_loss", "steps", "seconds",
-    "history"}``: the measured global sparsity of the masks (0.0 for dense) and
-    ``{path: sparsity}`` per masked leaf ({} for dense), the test accuracy as a
-    fraction in [0, 1], the mean training loss over the last epoch's worth of steps,
-    the number of steps, the wall time of training and evaluation, and the density
-    history ``[{"step", "epoch", "density", "layers": {path: density}}, ...]``
-    recorded after initialisation and at the end of every epoch ([] for dense).
+    The run's summary (also written to ``workdir/summary.json``): method, dataset,
+    model, seed, target and measured sparsity, test accuracy and loss, final train
+    loss, steps, seconds, FLOPs ratios, coverage and per-layer sparsity.
 
   Raises:
-    ValueError: for a bad config.
-    FileNotFoundError: when the dataset is not found.
+    ValueError: when ``workdir`` holds a run of another config.
   """
-  return run(setup(config, data))
+  start_time = time.perf_counter()
+  config = experiment.config
+  state, totals = experiment.state, Totals()
+  checkpointer = writer = None
+  if workdir is not None:
+    check_workdir(workdir, config)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    (Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + "\n")
+    checkpointer = Checkpointer(Path(workdir) / CHECKPOINT_DIR, config.keep_checkpoints)
+    restored = checkpointer.restore(state)
+    if restored is not None:
+      state, record = restored
+      totals = Totals(**record["totals"])
+    writer = MetricsWriter(workdir, resume_step=int(state.step))
+  try:
+    state, totals, last_row = _train(experiment, state, totals, checkpointer, writer,
+                                     show_progress)
+  finally:
+    if writer is not None:
+      writer.close()
+    if checkpointer is not None:
+      checkpointer.close()
+  summary = _summary(experiment, state, totals, last_row, time.perf_counter() - start_time)
+  if workdir is not None:
+    (Path(workdir) / SUMMARY_FILE).write_text(json.dumps(plain(summary), indent=1) + "\n")
+  return summary
+
+
+def _train(experiment: Experiment, state: TrainState, totals: Totals,
+           checkpointer: Checkpointer | None, writer: MetricsWriter | None,
+           show_progress: bool) -> tuple[TrainState, Totals, dict[str, Any]]:
+  """The loop from ``state.step`` to the end; returns the final state, totals and last row."""
+  config = experiment.config
+  per_epoch, num_steps = experiment.steps_per_epoch, experiment.num_steps
+  eval_every = cfg.every(config.eval_every, per_epoch)
+  checkpoint_every = cfg.every(config.checkpoint_every, per_epoch)
+  train_step, evaluate = make_train_step(experiment), make_evaluate(experiment)
+  step = int(state.step)
+  last_row = None
+  progress = Progress(num_steps, step, experiment.method) if show_progress else None
+  tic, tic_step = time.perf_counter(), step
+  batches = experiment.pipeline.iterate(step)
+  try:
+    if progress is not None:
+      progress.__enter__()
+    while step < num_steps:
+      state = train_step(state, next(batches))
+      step += 1
+      final = step == num_steps
+      is_eval, is_log = final or step % eval_every == 0, step % config.log_every == 0
+      if is_eval or is_log or step % checkpoint_every == 0:
+        state, totals = _flush(state, totals, config.batch_size)
+      if is_eval or is_log:
+        last_row = _row(experiment, state, totals, evaluate(state) if is_eval else None)
+        state = state._replace(tracker=state.tracker._replace(
+            loss_sum=jnp.zeros((), jnp.float32), loss_count=jnp.zeros((), jnp.int32),
+            eval_masks=jax.tree.map(jnp.copy, _masks(state.opt_state)) if is_eval
+            else state.tracker.eval_masks))
+        if writer is not None:
+          writer.write(last_row)
+        if progress is not None:
+          progress.show(last_row)
+      if checkpointer is not None and (final or step % checkpoint_every == 0):
+        checkpointer.save(step, state, {"next_batch": step, "totals": totals._asdict()})
+      if progress is not None:
+        now = time.perf_counter()
+        progress.advance(step, (step - tic_step) / max(now - tic, 1e-9))
+  finally:
+    batches.close()
+    if progress is not None:
+      progress.__exit__(None, None, None)
+  if last_row is None or last_row.get("test_accuracy") is None:  # resumed after the end
+    last_row = _row(experiment, state, totals, evaluate(state))
+  return state, totals, last_row
+
+
+def _summary(experiment: Experiment, state: TrainState, totals: Totals,
+             last_row: dict[str, Any], seconds: float) -> dict[str, Any]:
+  config = experiment.config
+  return {
+      "method": experiment.method, "dataset": config.data.dataset, "model": config.model,
+      "seed": config.seed, "target_sparsity": config.sparse.get("sparsity"),
+      "sparsity": last_row["sparsity"], "test_accuracy": last_row["test_accuracy"],
+      "test_loss": last_row["test_loss"], "train_loss": last_row["train_loss"],
+      "steps": int(state.step), "seconds": seconds,
+      "train_flops_ratio": last_row["train_flops"] / last_row["train_flops_dense"],
+      "inference_flops_ratio": last_row["inference_flops"] / last_row["inference_flops_dense"],
+      "coverage": last_row.get("coverage"), "layers": last_row["layers"],
+  }
+
