@@ -34,9 +34,6 @@ from typing import Any, NamedTuple
 
 from absl import app, flags
 
-_OUT = flags.DEFINE_string("out", None, "Output directory (default: DIR/report for a single "
-                           "DIR, else ./report).")
-
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -419,7 +416,7 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
   colors = {method: f"C{i % 10}" for i, method in enumerate(methods)}
   columns = min(len(panels), 3)
   lines = -(-len(panels) // columns)
-  figure = _new_figure(6.0 * columns, 4.5 * lines)
+  figure = _new_figure(7.0 * columns, 4.5 * lines)
   for index, ((dataset, model), members) in enumerate(panels.items()):
     axes = figure.add_subplot(lines, columns, index + 1)
     _draw_accuracy_panel(axes, members, colors)
@@ -595,6 +592,12 @@ def write_report(table: str, out: Path) -> Path:
   return path
 
 
+def define_flags() -> None:
+  """Defines ``--out``; called only by the command line, so importing this module adds no flag."""
+  flags.DEFINE_string("out", None, "Output directory (default: DIR/report for a single DIR, "
+                      "else ./report).")
+
+
 def _fail(message: str, status: int) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(status)
@@ -626,7 +629,8 @@ def main(argv: Sequence[str]) -> None:
     print("no finished run: the table is empty", file=sys.stderr)
   table = markdown_table(summaries)
   print(table, flush=True)
-  out = Path(_OUT.value) if _OUT.value else default_out(paths)
+  out_flag = flags.FLAGS["out"].value if "out" in flags.FLAGS else None
+  out = Path(out_flag) if out_flag else default_out(paths)
   try:
     out.mkdir(parents=True, exist_ok=True)
     write_report(table, out)
@@ -636,4 +640,5 @@ def main(argv: Sequence[str]) -> None:
   print(f"wrote {out / REPORT_FILE} and {len(written)} plots in {out}", file=sys.stderr)
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)

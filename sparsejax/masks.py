@@ -121,7 +121,10 @@ def random_masks(key: jax.Array, params: Any, nnz: Any) -> Any:
   counts, treedef = jax.tree.flatten(nnz, is_leaf=is_unmasked)
   leaves = treedef.flatten_up_to(params)
   keys = jax.random.split(key, len(leaves))
-  out = [None if n is None else top_k_mask(jax.random.uniform(k, jnp.shape(p)), n)
+  # The first n entries of a random permutation: exact counts, and a sort compiles
+  # far faster than a traced-k selection (initialisation has static counts).
+  out = [None if n is None else
+         (jax.random.permutation(k, math.prod(jnp.shape(p))) < n).reshape(jnp.shape(p))
          for k, p, n in zip(keys, leaves, counts)]
   return jax.tree.unflatten(treedef, out)
 

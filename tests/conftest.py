@@ -63,3 +63,19 @@ def assert_exactly_sparse(params, masks):
 
 def nnz_per_leaf(masks):
   return [None if m is None else int(jnp.sum(m)) for m in mask_leaves(masks)]
+
+
+def pytest_configure(config):
+  """Compiled programs are cached on disk and shared by the tests and their subprocesses.
+
+  Many tests compile the same train step; the cache (``.pytest_cache/jax``) makes the
+  repeats cheap. Subprocesses (the CLI tests) inherit it through the environment.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  cache = os.path.join(str(config.rootpath), ".pytest_cache", "jax")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

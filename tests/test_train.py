@@ -1,26 +1,33 @@
-"""Tests of the models and the training loop, on small synthetic data."""
+"""Tests of the training loop, its configs, metrics rows and exact resume, on synthetic data."""
 
+import json
+import shutil
+
+import chex
 import jax
 import numpy as np
+import optax
 import pytest
 
 from experiments.configs import fashion_mnist
 import sparsejax
-from sparsejax.train import experiment_config, get_model, loop, plots
+from sparsejax.data import ArraySource
+from sparsejax.train import experiment_config, loop
+from sparsejax.train.logs import read_rows
 
 NUM_TRAIN, NUM_TEST = 256, 70  # NUM_TEST is not a multiple of eval_batch_size: padding is used
 
 
-def synthetic_data(seed: int = 0) -> dict:
-  """Images whose mean brightness encodes the label, so a few steps learn something."""
+def synthetic_data(seed: int = 0) -> tuple[ArraySource, ArraySource]:
+  """Images whose brightness encodes the label, so a few steps learn something."""
   rng = np.random.default_rng(seed)
 
   def split(n):
-    labels = rng.integers(0, 10, n).astype(np.int32)
-    images = rng.uniform(0, 0.2, (n, 28, 28, 1)) + labels[:, None, None, None] / 12.0
-    return {"image": images.astype(np.float32), "label": labels}
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 40, (n, 28, 28, 1)) + labels[:, None, None, None] * 20
+    return ArraySource(images.astype(np.uint8), labels)
 
-  return {"train": split(NUM_TRAIN), "test": split(NUM_TEST)}
+  return split(NUM_TRAIN), split(NUM_TEST)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +40,9 @@ def small_config(arg: str = "rigl", **overrides):
   config.batch_size = 32
   config.num_steps = 30
   config.eval_batch_size = 32
+  config.log_every = 5
+  config.eval_every = 10
+  config.checkpoint_every = 10
   if "update_every" in config.sparse:
     config.sparse.update_every = 5
   for key, value in overrides.items():
@@ -40,196 +50,275 @@ def small_config(arg: str = "rigl", **overrides):
   return config
 
 
-def assert_exactly_sparse(params, opt_state):
-  masks = sparsejax.masks(opt_state)
-  flat_masks = jax.tree.leaves(masks, is_leaf=lambda x: x is None)
-  flat_params = jax.tree.leaves(params)
-  assert len(flat_masks) == len(flat_params)
-  for mask, param in zip(flat_masks, flat_params):
+def masks_of(state):
+  return jax.tree.leaves(sparsejax.masks(state.opt_state), is_leaf=lambda x: x is None)
+
+
+def assert_exactly_sparse(state, nnz=None):
+  masks, params = masks_of(state), jax.tree.leaves(state.params)
+  assert len(masks) == len(params)
+  for i, (mask, param) in enumerate(zip(masks, params)):
     if mask is not None:
-      assert mask.shape == param.shape
+      chex.assert_equal_shape([mask, param])
       assert not np.any(np.asarray(param)[~np.asarray(mask)])
+      if nnz is not None:
+        assert int(mask.sum()) == nnz[i]
 
 
-def test_models_shapes():
-  x = jax.ShapeDtypeStruct((2, 28, 28, 1), np.float32)
-  key = jax.random.PRNGKey(0)
-  for name, kernels in [("lenet300100", [(784, 300), (300, 100), (100, 10)]),
-                        ("lenet5", [(5, 5, 1, 20), (5, 5, 20, 50), (800, 500), (500, 10)])]:
-    model = get_model(name)
-    params = jax.eval_shape(model.init, key, x)["params"]
-    assert [p["kernel"].shape for p in params.values()] == kernels
-    assert jax.eval_shape(model.apply, {"params": params}, x).shape == (2, 10)
-  with pytest.raises(ValueError, match="unknown model"):
-    get_model("resnet")
+def final_state(experiment, workdir=None):
+  """Runs ``experiment`` and returns its summary and final TrainState (from the checkpoint)."""
+  summary = loop.run(experiment, workdir, show_progress=False)
+  state = None
+  if workdir is not None:
+    with loop.Checkpointer(workdir / loop.CHECKPOINT_DIR) as checkpointer:
+      state, _ = checkpointer.restore(experiment.state)
+  return summary, state
 
 
-@pytest.mark.parametrize("method", ["rigl", "gmp"])
-def test_sparse_training_is_exactly_sparse(data, method):
-  experiment = loop.setup(small_config(method, num_steps=40), data)
-  end_step = experiment.config.sparse.end_step
-  assert end_step == 30  # 75 % of 40 steps
-  result = loop.train(experiment)
-  assert result.steps == 40 and np.isfinite(result.train_loss)
-  assert_exactly_sparse(result.params, result.opt_state)
-  assert sparsejax.summary(result.opt_state)["sparsity"] == pytest.approx(0.9, abs=1e-4)
-  accuracy = loop.evaluate(experiment, result.params)
-  assert 0.0 <= accuracy <= 1.0
-  # 8 steps per epoch: a record after init and after each of the 5 epochs.
-  assert [(r["step"], r["epoch"]) for r in result.history] == [(8 * e, e) for e in range(6)]
-  initial = 0.1 if method == "rigl" else 1.0  # gmp starts dense
-  assert result.history[0]["density"] == pytest.approx(initial, abs=1e-4)
-  assert result.history[-1]["density"] == pytest.approx(0.1, abs=1e-4)
-  for record in result.history:
-    assert set(record["layers"]) == {"Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"}
+@pytest.mark.parametrize("method", ["static", "set", "rigl", "gmp", "dst"])
+def test_sparse_training_is_exactly_sparse(data, method, tmp_path):
+  experiment = loop.setup(small_config(method), data)
+  initial = [None if m is None else int(m.sum()) for m in masks_of(experiment.state)]
+  summary, state = final_state(experiment, tmp_path)
+  assert int(state.step) == 30 and summary["steps"] == 30
+  if method in ("static", "set", "rigl"):  # constant nnz, exactly the distribution's
+    assert_exactly_sparse(state, initial)
+    assert summary["sparsity"] == pytest.approx(0.9, abs=1e-5)
+  else:
+    assert_exactly_sparse(state)
+  masks = sparsejax.summary(state.opt_state)
+  assert summary["sparsity"] == pytest.approx(masks["sparsity"], abs=1e-12)
+  assert summary["layers"] == pytest.approx({k: v["sparsity"] for k, v in masks["layers"].items()})
+  assert 0.0 <= summary["test_accuracy"] <= 1.0 and np.isfinite(summary["train_loss"])
 
 
-def test_train_and_evaluate_dense_learns(data):
-  result = loop.train_and_evaluate(small_config("dense", num_steps=-1, num_epochs=3), data)
-  assert set(result) == {"method", "sparsity", "layers", "test_accuracy", "train_loss", "steps",
-                         "seconds", "history"}
-  assert result["method"] == "dense" and result["sparsity"] == 0.0
-  assert result["layers"] == {} and result["history"] == []  # no masks to read
-  assert result["steps"] == 3 * (NUM_TRAIN // 32) and np.isfinite(result["train_loss"])
-  assert result["test_accuracy"] > 0.2  # chance is 0.1
+def test_dense_learns(data):
+  summary = loop.run(loop.setup(small_config("dense", num_steps=60), data), show_progress=False)
+  assert summary["test_accuracy"] > 0.3  # 10 classes: chance is 0.1
+  assert summary["sparsity"] == 0.0 and summary["train_flops_ratio"] == 1.0
+  assert summary["coverage"] is None
 
 
-def test_dst_history_matches_summary(data):
-  """12 steps of 8 per epoch: records at steps 0, 8 and 12 (the cut-short last epoch)."""
-  experiment = loop.setup(small_config("dst", num_steps=12), data)
-  trained = loop.train(experiment)
-  assert_exactly_sparse(trained.params, trained.opt_state)
-  history = trained.history
-  assert [(r["step"], r["epoch"]) for r in history] == [(0, 0), (8, 1), (12, 2)]
-  assert history[0]["density"] == 1.0  # thresholds start at 0: dense
-  assert all(d == 1.0 for d in history[0]["layers"].values())
-  assert history[-1]["density"] < 1.0  # the thresholds moved
-  stats = sparsejax.summary(trained.opt_state)
-  assert history[-1]["density"] == pytest.approx(1.0 - stats["sparsity"], abs=1e-12)
-  for path, layer in stats["layers"].items():
-    assert history[-1]["layers"][path] == pytest.approx(1.0 - layer["sparsity"], abs=1e-12)
-  for record in history:  # the global density weighs the layers by size
-    nnz = sum(record["layers"][p] * layer["size"] for p, layer in stats["layers"].items())
-    assert record["density"] == pytest.approx(nnz / stats["size"])
-  result = loop.run(experiment)  # the same seed: the same run
-  assert result["history"] == history
-  assert result["sparsity"] == pytest.approx(stats["sparsity"], abs=1e-12)
-  assert result["layers"] == pytest.approx(
-      {path: layer["sparsity"] for path, layer in stats["layers"].items()}, abs=1e-12)
+def test_batch_norm_model_state_is_trained_and_checkpointed(data, tmp_path):
+  """A model with BatchNorm (resnet56 on 28x28x1 inputs) carries batch_stats through the loop."""
+  config = small_config("static", num_steps=2, eval_every=2, checkpoint_every=2, log_every=1)
+  config.model = "resnet56"
+  config.batch_size = config.eval_batch_size = 8
+  experiment = loop.setup(config, data)
+  assert "batch_stats" in experiment.state.model_state
+  _, state = final_state(experiment, tmp_path)
+  before = jax.tree.leaves(experiment.state.model_state)
+  after = jax.tree.leaves(state.model_state)
+  assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+  assert_exactly_sparse(state)
 
 
-def test_plot_density(tmp_path):
-  history = [{"step": 10 * e, "epoch": e, "density": d,
-              "layers": {"Dense_0/kernel": d / 2, "Dense_1/kernel": d}}
-             for e, d in enumerate([1.0, 0.3, 0.1])]
-  series = plots.density_series(history)
-  assert series == {"Dense_0/kernel": [50.0, 15.0, 5.0], "Dense_1/kernel": [100.0, 30.0, 10.0],
-                    "global": [100.0, 30.0, 10.0]}
-  assert plots.use_log_scale(series) and not plots.use_log_scale({"global": [100.0, 40.0]})
-  path = tmp_path / "density.png"
-  plots.plot_density(history, path, title="dst: test accuracy 88.00 %")
-  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  with pytest.raises(ValueError, match="at least one"):
-    plots.plot_density([], tmp_path / "empty.png")
+def test_metrics_rows(data, tmp_path):
+  config = small_config("set", num_steps=32)  # 32: the last step is neither a log nor eval step
+  experiment = loop.setup(config, data)
+  summary = loop.run(experiment, tmp_path, show_progress=False)
+  rows = read_rows(tmp_path / "metrics.jsonl")
+  assert [row["step"] for row in rows] == [5, 10, 15, 20, 25, 30, 32]
+  evals = [row for row in rows if "test_accuracy" in row]
+  assert [row["step"] for row in evals] == [10, 20, 30, 32]
+  for row in rows:
+    assert {"step", "epoch", "train_loss", "learning_rate", "sparsity"} <= set(row)
+    assert row["epoch"] == row["step"] / (NUM_TRAIN // 32)
+    assert row["learning_rate"] == pytest.approx(0.02)
+    assert row["sparsity"] == pytest.approx(0.9, abs=1e-5)
+  dense_step = 3 * 32 * 2 * (784 * 300 + 300 * 100 + 100 * 10)  # 3 x forward, batch 32
+  for row in evals:
+    assert 0.0 <= row["test_accuracy"] <= 1.0 and row["test_loss"] > 0
+    assert set(row["layers"]) == {"Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"}
+    assert row["train_flops_dense"] == dense_step * row["step"]
+    # SET never needs a dense gradient: 3 sparse passes at the constant density.
+    assert row["train_flops"] == pytest.approx(row["train_flops_dense"] * row["inference_flops"]
+                                               / row["inference_flops_dense"], rel=1e-6)
+    assert 0.1 - 1e-6 <= row["coverage"] <= 1.0 and 0.0 <= row["churn"] <= 1.0
+  coverages = [row["coverage"] for row in evals]
+  assert coverages == sorted(coverages) and coverages[-1] > 0.1 + 1e-3  # SET explores
+  assert evals[1]["churn"] > 0  # masks changed at steps 15 and 20
+  assert evals[-1]["churn"] == 0  # no update between steps 30 and 32 (end_step = 24)
+  assert summary["test_accuracy"] == evals[-1]["test_accuracy"]
+  assert summary["coverage"] == evals[-1]["coverage"]
+  written = json.loads((tmp_path / "summary.json").read_text())
+  assert written == json.loads(json.dumps(summary))
+  assert list((tmp_path / "tensorboard").iterdir())
 
 
-def test_dst_config_uses_the_paper_settings():
-  for arg, model in [("dst", "lenet300100"), ("dst,lenet5", "lenet5")]:
-    config = fashion_mnist.get_config(arg)
-    assert config.model == model
-    assert config.sparse.to_dict() == {"method": "dst", "alpha": 5e-4, "recovery_density": 0.01}
-    assert (config.optimizer, config.momentum, config.learning_rate) == ("sgd", 0.9, 0.01)
-    assert (config.batch_size, config.num_epochs, config.num_steps) == (64, 20, -1)
-    assert "weight_decay" not in config
-  assert experiment_config.total_steps(fashion_mnist.get_config("dst"), 60_000) == 20 * 937
-  dense = experiment_config.with_method(fashion_mnist.get_config("dst"), "dense")  # the baseline's settings
-  assert (dense.learning_rate, dense.batch_size, dense.num_epochs) == (0.01, 64, 20)
+def test_rigl_flops_count_dense_gradients_at_update_steps(data, tmp_path):
+  config = small_config("rigl", num_steps=10, eval_every=10)
+  experiment = loop.setup(config, data)
+  loop.run(experiment, tmp_path, show_progress=False)
+  row = read_rows(tmp_path / "metrics.jsonl")[-1]
+  sparse, dense = row["inference_flops"], row["inference_flops_dense"]
+  # Steps 5 and 10 are mask updates (update_every=5, end_step=round(0.75*10)=8: only step 5).
+  expected = 32 * (9 * 3 * sparse + (2 * sparse + dense))
+  assert row["train_flops"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_lenet5_static_adam(data):
-  config = small_config("static,lenet5", num_steps=2, batch_size=8, optimizer="adam")
-  result = loop.train_and_evaluate(config, data)
-  assert result["method"] == "static" and result["steps"] == 2
-  assert result["sparsity"] == pytest.approx(0.9, abs=1e-4)
-  assert 0.0 <= result["test_accuracy"] <= 1.0
+def test_kernel_positions_and_flops_by_hand():
+  model = sparsejax.train.get_model("lenet5")
+  x = np.zeros((1, 28, 28, 1), np.float32)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  positions = sparsejax.metrics.kernel_positions(model, variables, x)
+  assert positions == {"Conv_0/kernel": 24 * 24, "Conv_1/kernel": 8 * 8, "Dense_0/kernel": 1,
+                       "Dense_1/kernel": 1}
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables["params"])
+  masks = jax.tree.map(lambda p: np.arange(p.size).reshape(p.shape) % 4 == 0 if p.ndim > 1
+                       else None, params)
+  sparse, dense = sparsejax.metrics.forward_flops(params, masks, positions)
+  sizes = [(576, 5 * 5 * 20), (64, 5 * 5 * 20 * 50), (1, 800 * 500), (1, 500 * 10)]
+  assert dense == sum(2 * p * n for p, n in sizes)
+  assert float(sparse) == sum(2 * p * ((n + 3) // 4) for p, n in sizes)
+
+
+def test_learning_rate_schedule_warmup_and_steps():
+  opt = fashion_mnist.get_config("rigl").optimizer
+  opt.update(learning_rate=0.1, schedule="step", decay_epochs=[2, 3], decay_factor=0.1,
+             warmup_epochs=1)
+  schedule = experiment_config.learning_rate_schedule(opt, 10)
+  lrs = [float(schedule(step)) for step in range(40)]
+  np.testing.assert_allclose(lrs[:10], 0.01 + 0.09 * np.arange(10) / 10, rtol=1e-5)
+  np.testing.assert_allclose(lrs[10:20], 0.1, rtol=1e-6)
+  np.testing.assert_allclose(lrs[20:30], 0.01, rtol=1e-5)
+  np.testing.assert_allclose(lrs[30:], 0.001, rtol=1e-5)
+
+
+def test_weight_decay_is_l2_in_the_gradient_for_sgd():
+  opt = fashion_mnist.get_config("rigl").optimizer
+  opt.update(learning_rate=0.5, momentum=0.0, weight_decay=0.1)
+  tx = experiment_config.make_optimizer(opt, 10)
+  params = {"w": np.array([2.0], np.float32)}
+  updates, _ = tx.update({"w": np.array([1.0], np.float32)}, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -0.5 * (1.0 + 0.1 * 2.0))
+
+
+def test_resolve_sparse_fills_defaults_and_end_step():
+  sparse = experiment_config.resolve_sparse({"method": "rigl", "sparsity": 0.8, "end_step": -1},
+                                            1000, end_fraction=0.6)
+  assert sparse["end_step"] == 600 and sparse["update_every"] == 100
+  assert sparse["drop_fraction"] == 0.3 and sparse["distribution"] == "erk"
+  assert "dense" not in sparse
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("model", "vgg", "config.model"),
     ("batch_size", 0, "config.batch_size"),
-    ("batch_size", 10_000, "config.batch_size"),
-    ("eval_batch_size", -1, "config.eval_batch_size"),
-    ("optimizer", "lamb", "config.optimizer"),
-    ("learning_rate", 0.0, "config.learning_rate"),
-    ("momentum", 1.0, "config.momentum"),
+    ("eval_batch_size", 0, "config.eval_batch_size"),
+    ("model", "resnet9000", "config.model"),
+    ("log_every", 0, "config.log_every"),
+    ("eval_every", -3, "config.eval_every"),
+    ("seed", -1, "config.seed"),
+    ("sparse_end_fraction", 1.5, "config.sparse_end_fraction"),
 ])
-def test_bad_config_fails_before_training(data, monkeypatch, key, value, match):
-  monkeypatch.setattr(loop, "train", lambda *a: pytest.fail("training started"))
-  config = small_config()
-  config.unlock()
+def test_bad_config_fails_before_training(data, key, value, match):
+  config = small_config("static")
   config[key] = value
   with pytest.raises(ValueError, match=match):
-    loop.train_and_evaluate(config, data)
+    loop.setup(config, data)
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("sparsity", 1.5, "sparsity must be in"),
-    ("distribution", "xx", "unknown distribution"),
-    ("method", "magic", "unknown method"),
-    ("nonsense", 1, "takes no config key"),
+@pytest.mark.parametrize("section,key,value,match", [
+    ("optimizer", "name", "lion", "config.optimizer.name"),
+    ("optimizer", "learning_rate", -1.0, "config.optimizer.learning_rate"),
+    ("optimizer", "decay_epochs", [3, 2], "config.optimizer.decay_epochs"),
+    ("data", "crop_padding", -1, "config.data.crop_padding"),
+    ("data", "dataset", "", "config.data.dataset"),
+    ("sparse", "method", "magic", "config.sparse.method"),
+    ("sparse", "sparsity", 1.0, "config.sparse: sparsity"),
+    ("sparse", "distribution", "zipf", "config.sparse"),
 ])
-def test_bad_sparse_config_fails_before_training(data, monkeypatch, key, value, match):
-  monkeypatch.setattr(loop, "train", lambda *a: pytest.fail("training started"))
-  config = small_config()
-  config.sparse[key] = value
-  with pytest.raises(ValueError, match=f"config.sparse: .*{match}"):
-    loop.train_and_evaluate(config, data)
+def test_bad_section_key_fails_before_training(data, section, key, value, match):
+  config = small_config("static")
+  config[section][key] = value
+  with pytest.raises(ValueError, match=match):
+    loop.setup(config, data)
 
 
-def test_missing_key():
-  config = small_config()
-  del config["num_steps"]
-  with pytest.raises(ValueError, match="config.num_steps is missing"):
-    experiment_config.validate_config(config)
+def test_batch_larger_than_dataset(data):
+  with pytest.raises(ValueError, match="config.batch_size"):
+    loop.setup(small_config("static", batch_size=NUM_TRAIN + 1), data)
 
 
-def test_resolve_sparse_end_step():
-  rigl = fashion_mnist.get_config("rigl").sparse
-  assert experiment_config.resolve_sparse(rigl, 4680)["end_step"] == 3510
-  gmp = fashion_mnist.get_config("gmp").sparse
-  assert experiment_config.resolve_sparse(gmp, 4680)["end_step"] == 3510
-  gmp.end_step = 1234
-  assert experiment_config.resolve_sparse(gmp, 4680)["end_step"] == 1234  # explicit values are kept
+def test_workdir_of_another_config_is_refused_untouched(data, tmp_path):
+  loop.run(loop.setup(small_config("static", num_steps=10), data), tmp_path, show_progress=False)
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+  other = loop.setup(small_config("static", num_steps=10, seed=1), data)
+  with pytest.raises(ValueError, match="config.seed = 0, not 1"):
+    loop.run(other, tmp_path, show_progress=False)
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
-def test_with_method_keeps_accepted_keys():
-  config = fashion_mnist.get_config("rigl")
-  config.sparse.sparsity = 0.8
-  static = experiment_config.with_method(config, "static").sparse.to_dict()
-  assert static == {"method": "static", "sparsity": 0.8, "distribution": "erk", "seed": 0}
-  gmp = experiment_config.with_method(config, "gmp").sparse
-  assert gmp.end_step == -1 and gmp.update_every == 100 and "drop_fraction" not in gmp
-  rigl = experiment_config.with_method(experiment_config.with_method(config, "static"), "rigl").sparse
-  assert rigl.end_step == -1 and rigl.sparsity == 0.8
-  assert experiment_config.with_method(config, "dense").sparse.to_dict() == {"method": "dense"}
-  assert config.sparse.method == "rigl"  # the input is not modified
-  with pytest.raises(ValueError, match="sparsity"):
-    experiment_config.with_method(fashion_mnist.get_config("dense"), "rigl")
+def _params_equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("arg", [*fashion_mnist.METHODS, "dst,lenet5"])
-def test_configs_build(arg):
-  """Every config's sparse section matches its method's signature."""
-  config = fashion_mnist.get_config(arg)
-  experiment_config.validate_config(config)
-  sparse = experiment_config.resolve_sparse(config.sparse, 1000)
-  assert sparsejax.from_config(sparse, experiment_config.make_optimizer(config)) is not None
+@pytest.mark.parametrize("method", ["set", "dst"])
+def test_resume_from_an_older_checkpoint_is_bit_identical(data, tmp_path, method):
+  """Drop the newest checkpoints and leave a half-written row: the rerun ends identical."""
+  config = small_config(method, num_steps=30, checkpoint_every=10)
+  config.keep_checkpoints = 5
+  reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+  summary_a, state_a = final_state(loop.setup(config, data), reference)
+  final_state(loop.setup(config, data), interrupted)
+  for step in ("20", "30"):
+    shutil.rmtree(interrupted / "checkpoints" / step)
+  with (interrupted / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 31, "train_lo')  # a row cut by the kill
+  (interrupted / "summary.json").unlink()
+  summary_b, state_b = final_state(loop.setup(config, data), interrupted)
+  assert _params_equal(state_a, state_b)
+  assert ((reference / "metrics.jsonl").read_bytes()
+          == (interrupted / "metrics.jsonl").read_bytes())
+  for key in ("test_accuracy", "test_loss", "train_loss", "sparsity", "coverage", "layers"):
+    assert summary_a[key] == summary_b[key], key
 
 
-def test_config_argument_errors():
-  assert fashion_mnist.get_config().sparse.method == "rigl"
-  assert fashion_mnist.get_config("gmp,lenet5").model == "lenet5"
-  with pytest.raises(ValueError, match="unknown method"):
-    fashion_mnist.get_config("foo")
-  with pytest.raises(ValueError, match="unknown model"):
-    fashion_mnist.get_config("rigl,vgg")
+def test_partial_checkpoint_does_not_hide_the_previous_one(data, tmp_path):
+  """A checkpoint directory left half-written by a kill is ignored (and cleaned up)."""
+  config = small_config("rigl", num_steps=20, checkpoint_every=10)
+  reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+  _, state_a = final_state(loop.setup(config, data), reference)
+  final_state(loop.setup(config, data), interrupted)
+  checkpoints = interrupted / "checkpoints"
+  shutil.rmtree(checkpoints / "20")
+  partial = checkpoints / "20.orbax-checkpoint-tmp-1700000000000000"
+  shutil.copytree(checkpoints / "10", partial)
+  (partial / "state" / "manifest.ocdbt").write_bytes(b"\0" * 7)  # garbage, as if cut
+  _, state_b = final_state(loop.setup(config, data), interrupted)
+  assert _params_equal(state_a, state_b)
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["10", "20"]
+
+
+def test_finished_run_is_reported_not_retrained(data, tmp_path):
+  config = small_config("static", num_steps=10)
+  first = loop.run(loop.setup(config, data), tmp_path, show_progress=False)
+  rows = (tmp_path / "metrics.jsonl").read_bytes()
+  again = loop.run(loop.setup(config, data), tmp_path, show_progress=False)
+  assert (tmp_path / "metrics.jsonl").read_bytes() == rows
+  for key in ("test_accuracy", "test_loss", "train_loss", "sparsity", "steps"):
+    assert first[key] == again[key], key
+
+
+def test_checkpoint_survives_donation_after_async_save(data, tmp_path):
+  """The train step donates its state right after an asynchronous save started."""
+  config = small_config("rigl", num_steps=5)
+  experiment = loop.setup(config, data)
+  step = loop.make_train_step(experiment)
+  state = step(experiment.state, experiment.pipeline.batch(0))
+  saved = jax.tree.map(np.array, state)
+  with loop.Checkpointer(tmp_path) as checkpointer:
+    checkpointer.save(1, state, {"next_batch": 1})
+    for s in range(1, 4):
+      state = step(state, experiment.pipeline.batch(s))
+    checkpointer.wait()
+    restored, record = checkpointer.restore(experiment.state)
+  assert record == {"next_batch": 1}
+  assert _params_equal(saved, restored)
+  chex.assert_trees_all_equal_structs(restored, experiment.state)
+
+
+def test_dense_optimizer_has_no_masks(data):
+  experiment = loop.setup(small_config("dense"), data)
+  assert optax.tree_utils.tree_get(experiment.state.opt_state, "masks") is None
+  assert experiment.state.tracker.ever_active is None

@@ -63,6 +63,7 @@ class MetricsWriter:
     temporary = self._path.with_suffix(".jsonl.tmp")
     temporary.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in kept))
     temporary.replace(self._path)
+    self._last = kept[-1] if kept else None
     self._file = self._path.open("a")
     self._tensorboard = None
     if tensorboard:
@@ -70,9 +71,13 @@ class MetricsWriter:
       self._tensorboard = SummaryWriter(os.fspath(Path(directory) / TENSORBOARD_DIR),
                                         purge_step=resume_step + 1 if resume_step else None)
 
+  def last_row(self) -> dict[str, Any] | None:
+    """The newest row in the file (kept or written), None for an empty file."""
+    return self._last
+
   def write(self, row: dict[str, Any]) -> None:
     """Appends one row (``row["step"]`` is its step) and flushes it."""
-    row = plain(row)
+    row = self._last = plain(row)
     self._file.write(json.dumps(row, allow_nan=False) + "\n")
     self._file.flush()
     if self._tensorboard is not None:
@@ -106,6 +111,7 @@ class Progress:
   """
 
   def __init__(self, total: int, start: int, description: str):
+    from rich.console import Console  # pylint: disable=g-import-not-at-top
     from rich.progress import (  # pylint: disable=g-import-not-at-top
       BarColumn,
       MofNCompleteColumn,
@@ -113,7 +119,6 @@ class Progress:
       TimeRemainingColumn,
     )
     from rich.progress import Progress as RichProgress  # pylint: disable=g-import-not-at-top
-    from rich.console import Console  # pylint: disable=g-import-not-at-top
     self._interactive = sys.stderr.isatty()
     self._description = description
     self._bar = RichProgress(

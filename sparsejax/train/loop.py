@@ -334,7 +334,8 @@ def run(experiment: Experiment, workdir: str | os.PathLike[str] | None = None,
   """
   start_time = time.perf_counter()
   config = experiment.config
-  state, totals = experiment.state, Totals()
+  # A copy: the train step donates its input, and the experiment may be run again.
+  state, totals = jax.tree.map(jnp.copy, experiment.state), Totals()
   checkpointer = writer = None
   if workdir is not None:
     check_workdir(workdir, config)
@@ -403,7 +404,9 @@ def _train(experiment: Experiment, state: TrainState, totals: Totals,
     batches.close()
     if progress is not None:
       progress.__exit__(None, None, None)
-  if last_row is None or last_row.get("test_accuracy") is None:  # resumed after the end
+  if last_row is None and writer is not None:  # resumed after the end: report the last row
+    last_row = writer.last_row()
+  if last_row is None or last_row.get("test_accuracy") is None:
     last_row = _row(experiment, state, totals, evaluate(state))
   return state, totals, last_row
 
