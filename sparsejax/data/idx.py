@@ -140,7 +140,8 @@ def _find(directory: Path, base: str) -> Path | None:
   return None
 
 
-def _load_split(directory: Path, prefix: str) -> dict[str, np.ndarray]:
+def _read_split(directory: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+  """Validated ``(uint8 [N, 28, 28], uint8 [N])`` arrays of one split."""
   image_path, label_path = (_find(directory, base) for base in _file_names(prefix))
   images, labels = read_idx(image_path), read_idx(label_path)
   if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
@@ -154,8 +155,28 @@ def _load_split(directory: Path, prefix: str) -> dict[str, np.ndarray]:
                      f"{len(labels)} labels")
   if labels.size and labels.max() > 9:
     raise ValueError(f"{label_path}: labels must be in [0, 9], found {labels.max()}")
+  return images, labels
+
+
+def _load_split(directory: Path, prefix: str) -> dict[str, np.ndarray]:
+  images, labels = _read_split(directory, prefix)
   return {"image": (images.astype(np.float32) / 255.0)[..., None],
           "label": labels.astype(np.int32)}
+
+
+def _dataset_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
+  """The first searched directory holding all four files of ``name``."""
+  if name not in DATASETS:
+    raise ValueError(f"unknown IDX dataset {name!r}; expected one of {sorted(DATASETS)}")
+  dirs = _search_dirs(name, data_dir)
+  for directory in dirs:
+    if all(_find(directory, base) for base in _expected_names()):
+      return directory
+  how = DATASETS[name][2]
+  raise FileNotFoundError(
+      f"{name} IDX files not found in {', '.join(map(str, dirs))} (expected "
+      f"{', '.join(n + '[.gz]' for n in _expected_names())}); {how} and set {ENV_VAR} to "
+      "their directory (or pass data_dir)")
 
 
 def load_idx_dataset(name: str = "fashion_mnist",
@@ -181,17 +202,32 @@ def load_idx_dataset(name: str = "fashion_mnist",
     ValueError: for an unknown name or a corrupt file.
     FileNotFoundError: when no searched directory holds all four files.
   """
-  if name not in DATASETS:
-    raise ValueError(f"unknown IDX dataset {name!r}; expected one of {sorted(DATASETS)}")
-  dirs = _search_dirs(name, data_dir)
-  for directory in dirs:
-    if all(_find(directory, base) for base in _expected_names()):
-      return {split: _load_split(directory, prefix) for split, prefix in SPLITS.items()}
-  how = DATASETS[name][2]
-  raise FileNotFoundError(
-      f"{name} IDX files not found in {', '.join(map(str, dirs))} (expected "
-      f"{', '.join(n + '[.gz]' for n in _expected_names())}); {how} and set {ENV_VAR} to "
-      "their directory (or pass data_dir)")
+  directory = _dataset_dir(name, data_dir)
+  return {split: _load_split(directory, prefix) for split, prefix in SPLITS.items()}
+
+
+def load_idx_split(name: str, split: str,
+                   data_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+  """Loads one split of MNIST or Fashion-MNIST as raw bytes (no float conversion).
+
+  The files are looked for as in :func:`load_idx_dataset`.
+
+  Args:
+    name: "fashion_mnist" or "mnist".
+    split: "train" or "test".
+    data_dir: directory holding the files; None to use the defaults.
+
+  Returns:
+    ``{"image": uint8 [N, 28, 28, 1], "label": int32 [N]}``.
+
+  Raises:
+    ValueError: for an unknown name or split, or a corrupt file.
+    FileNotFoundError: when no searched directory holds all four files.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r} of {name}; expected one of {sorted(SPLITS)}")
+  images, labels = _read_split(_dataset_dir(name, data_dir), SPLITS[split])
+  return {"image": images[..., None], "label": labels.astype(np.int32)}
 
 
 def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,

@@ -1,0 +1,102 @@
+"""Every experiment config builds, and every (setup, model) trains a few steps on the CPU.
+
+CIFAR data comes from ``tfds.testing.mock_data`` (random images read through
+``tfds.data_source``, no TensorFlow, no download); MNIST from tiny IDX files.
+Every method × model pair is built abstractly (``jax.eval_shape``: no compilation);
+each model trains for real with one method, and every method trains on Fashion-MNIST
+in ``test_train.py``.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import cifar, cifar10, cifar100, common, fashion_mnist, mnist
+from sparsejax.data import write_idx_dataset
+from sparsejax.train import get_model, loop, validate_config
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+SETUPS = {"fashion_mnist": (fashion_mnist, fashion_mnist.MODELS),
+          "mnist": (mnist, mnist.MODELS),
+          "cifar10": (cifar10, cifar.MODELS),
+          "cifar100": (cifar100, cifar.MODELS)}
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  directory = tmp_path_factory.mktemp("mnist")
+  write_idx_dataset(directory, {
+      split: {"image": rng.integers(0, 256, (32, 28, 28), dtype=np.uint8),
+              "label": rng.integers(0, 10, 32, dtype=np.uint8)} for split in ("train", "test")})
+  return directory
+
+
+def tiny(config, mnist_dir):
+  """The config, trained for 2 steps of batch 4 (and evaluated) on tiny or mock data."""
+  config.num_steps = 2
+  config.batch_size = config.eval_batch_size = 4
+  config.log_every = config.eval_every = config.checkpoint_every = 1
+  if config.data.dataset == "mnist":
+    config.data.data_dir = str(mnist_dir)
+  return config
+
+
+def mock_cifar():
+  return tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+@pytest.mark.parametrize("method", common.METHODS)
+def test_every_method_and_model_builds(setup, method, mnist_dir):
+  module, models = SETUPS[setup]
+  for model in models:
+    config = tiny(module.get_config(f"{method},{model}"), mnist_dir)
+    validate_config(config)
+    tx, sparse, _, _ = loop.build_optimizer(config, 50_000)
+    assert sparse["method"] == method
+    net = get_model(model, 100 if setup == "cifar100" else 10)
+    shape = (1, 28, 28, 1) if setup.endswith("mnist") else (1, 32, 32, 3)
+    variables = jax.eval_shape(net.init, jax.random.PRNGKey(0), np.zeros(shape, np.float32))
+    jax.eval_shape(tx.init, variables["params"])
+
+
+@pytest.mark.parametrize("setup,model,method", [
+    ("fashion_mnist", "lenet5", "rigl"),
+    ("mnist", "lenet300100", "dst"),
+    ("mnist", "lenet5", "set"),
+    *[("cifar10", model, "static") for model in cifar.MODELS],
+    ("cifar100", "vgg16_quarter", "rigl"),
+])
+def test_config_trains_a_few_steps(setup, model, method, mnist_dir, tmp_path):
+  module, _ = SETUPS[setup]
+  config = tiny(module.get_config(f"{method},{model}"), mnist_dir)
+  with mock_cifar():
+    summary = loop.run(loop.setup(config), tmp_path, show_progress=False)
+  assert summary["steps"] == 2 and summary["model"] == model and summary["method"] == method
+  assert np.isfinite(summary["train_loss"]) and np.isfinite(summary["test_loss"])
+
+
+def test_paper_settings():
+  dst = fashion_mnist.get_config("dst")
+  assert (dst.optimizer.learning_rate, dst.batch_size, dst.num_epochs) == (0.01, 64, 20)
+  assert dst.optimizer.momentum == 0.9 and dst.optimizer.weight_decay == 0
+  dst_mnist = mnist.get_config("dst,lenet5")
+  assert dst_mnist.sparse.alpha == 5e-4 and dst_mnist.batch_size == 64
+  vgg = cifar10.get_config("dst,vgg16")
+  assert (vgg.batch_size, vgg.num_epochs, vgg.sparse.alpha) == (64, 160, 5e-6)
+  assert list(vgg.optimizer.decay_epochs) == [80, 120] and vgg.optimizer.weight_decay == 1e-4
+  assert (vgg.data.crop_padding, vgg.data.flip, vgg.data.normalize) == (4, True, True)
+  gse = cifar100.get_config("rigl,resnet56")
+  assert (gse.batch_size, gse.num_epochs, gse.optimizer.warmup_epochs) == (128, 200, 5)
+  assert (gse.sparse.update_every, gse.sparse.distribution, gse.sparse_end_fraction) == (
+      1000, "er", 0.6)
+  assert gse.data.dataset == "cifar100"
+
+
+def test_config_argument_errors():
+  with pytest.raises(ValueError, match="unknown method 'foo'"):
+    cifar10.get_config("foo")
+  with pytest.raises(ValueError, match="unknown model 'resnet9'"):
+    cifar10.get_config("rigl,resnet9")
