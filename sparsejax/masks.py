@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax import distributions
-from sparsejax.selection import top_k_mask
 
 DensePredicate = Callable[[str, Any], bool]
 

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import chex
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -12,7 +13,7 @@ import pytest
 from experiments.configs import fashion_mnist
 import sparsejax
 from sparsejax.data import ArraySource
-from sparsejax.train import experiment_config, loop
+from sparsejax.train import experiment_config, loop, models
 from sparsejax.train.logs import read_rows
 
 NUM_TRAIN, NUM_TEST = 256, 70  # NUM_TEST is not a multiple of eval_batch_size: padding is used
@@ -99,11 +100,22 @@ def test_dense_learns(data):
   assert summary["coverage"] is None
 
 
-def test_batch_norm_model_state_is_trained_and_checkpointed(data, tmp_path):
-  """A model with BatchNorm (resnet56 on 28x28x1 inputs) carries batch_stats through the loop."""
-  config = small_config("static", num_steps=2, eval_every=2, checkpoint_every=2, log_every=1)
-  config.model = "resnet56"
-  config.batch_size = config.eval_batch_size = 8
+class ConvBatchNorm(nn.Module):
+  """Conv → BatchNorm → ReLU → Dense: the smallest model with a mutable collection."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(4, (3, 3), strides=(2, 2), use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+    return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
+
+
+def test_batch_norm_model_state_is_trained_and_checkpointed(data, tmp_path, monkeypatch):
+  """batch_stats are updated in training, used in evaluation and checkpointed."""
+  monkeypatch.setitem(models.MODELS, "conv_bn", ConvBatchNorm)
+  config = small_config("static", num_steps=4, eval_every=2, checkpoint_every=2, log_every=1)
+  config.model = "conv_bn"
   experiment = loop.setup(config, data)
   assert "batch_stats" in experiment.state.model_state
   _, state = final_state(experiment, tmp_path)
