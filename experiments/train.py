@@ -25,7 +25,7 @@ from pathlib import Path
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -110,6 +110,8 @@ def _loaded_config() -> ml_collections.ConfigDict:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO
+    logging.set_verbosity(logging.WARNING)
   config = _loaded_config()
   try:
     train_lib.validate_config(config)

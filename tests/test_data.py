@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparsejax.data import batches, idx, load_idx_dataset, read_idx, write_idx, write_idx_dataset
+from sparsejax.data import idx, load_idx_dataset, read_idx, write_idx, write_idx_dataset
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -149,33 +149,3 @@ def test_label_count_mismatch(tmp_path):
   write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros((11,), np.uint8))
   with pytest.raises(ValueError, match="12 images but"):
     load_idx_dataset("fashion_mnist", tmp_path)
-
-
-def test_batches_deterministic_and_drop_last():
-  images = np.arange(10 * 2).reshape(10, 2)
-  labels = np.arange(10)
-
-  def epoch(seed, number):
-    return [(x.copy(), y.copy()) for x, y in batches(images, labels, 3, seed=seed, epoch=number)]
-
-  first = epoch(0, 0)
-  assert len(first) == 3 and all(y.shape == (3,) for _, y in first)
-  for (x, y), (x2, y2) in zip(first, epoch(0, 0)):
-    np.testing.assert_array_equal(x, x2)
-    np.testing.assert_array_equal(y, y2)
-  for x, y in first:
-    np.testing.assert_array_equal(x[:, 0] // 2, y)  # images stay paired with their labels
-  seen = np.concatenate([y for _, y in first])
-  assert len(np.unique(seen)) == 9
-  def order(batch_list):
-    return np.concatenate([y for _, y in batch_list]).tolist()
-
-  assert order(first) != order(epoch(0, 1))
-  assert order(first) != order(epoch(1, 0))
-
-
-def test_batches_rejects_bad_arguments():
-  with pytest.raises(ValueError, match="batch_size"):
-    list(batches(np.zeros(4), np.zeros(4), 0, seed=0, epoch=0))
-  with pytest.raises(ValueError, match="labels"):
-    list(batches(np.zeros(4), np.zeros(3), 2, seed=0, epoch=0))

@@ -18,7 +18,6 @@ from sparsejax.data import (
     ArraySource,
     RandomAccessSource,
     TrainPipeline,
-    batches,
     crop_and_flip,
     eval_batches,
     load_idx_dataset,
@@ -195,15 +194,6 @@ def test_every_example_once_per_epoch_and_epochs_differ():
     assert len(np.unique(labels)) == 40  # 3 examples dropped: the partial batch
     orders.append(labels.tolist())
   assert orders[0] != orders[1] != orders[2]
-
-
-def test_order_matches_idx_batches():
-  source = make_source(23)
-  pipeline = TrainPipeline(source, batch_size=4, seed=7)
-  for epoch in range(2):
-    old = [y for _, y in batches(source.images, source.labels, 4, seed=7, epoch=epoch)]
-    new = [pipeline.batch(epoch * pipeline.steps_per_epoch + i)["label"] for i in range(5)]
-    np.testing.assert_array_equal(np.concatenate(new), np.concatenate(old))
 
 
 def test_plain_batches_are_the_scaled_examples():

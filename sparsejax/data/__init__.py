@@ -6,7 +6,6 @@ and fixed-shape evaluation batches.
 """
 
 from sparsejax.data.idx import (
-    batches,
     load_idx_dataset,
     load_idx_split,
     read_idx,
@@ -35,7 +34,6 @@ __all__ = [
     "RandomAccessSource",
     "Source",
     "TrainPipeline",
-    "batches",
     "crop_and_flip",
     "eval_batches",
     "load_idx_dataset",

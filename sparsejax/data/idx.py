@@ -7,7 +7,6 @@ big-endian int32 dimensions, then the values in C order. Files may be gzipped
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import gzip
 import os
 from pathlib import Path
@@ -229,28 +228,3 @@ def load_idx_split(name: str, split: str,
   images, labels = _read_split(_dataset_dir(name, data_dir), SPLITS[split])
   return {"image": images[..., None], "label": labels.astype(np.int32)}
 
-
-def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
-            epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Shuffled full batches of one epoch; the last partial batch is dropped.
-
-  The order depends only on ``(seed, epoch)``, so an epoch can be replayed.
-
-  Args:
-    images: array of examples, first axis = example.
-    labels: array of labels, same length.
-    batch_size: examples per batch (>= 1).
-    seed: shuffling seed.
-    epoch: epoch number; each epoch gets its own permutation.
-
-  Yields:
-    ``(images_batch, labels_batch)`` numpy arrays.
-  """
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if len(images) != len(labels):
-    raise ValueError(f"{len(images)} images but {len(labels)} labels")
-  order = np.random.default_rng([seed, epoch]).permutation(len(images))
-  for start in range(0, len(order) - batch_size + 1, batch_size):
-    index = order[start:start + batch_size]
-    yield images[index], labels[index]

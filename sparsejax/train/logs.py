@@ -14,6 +14,7 @@ import math
 import os
 from pathlib import Path
 import sys
+import time
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
@@ -108,9 +109,10 @@ class Progress:
     total: the number of training steps.
     start: the step training starts (or resumes) from.
     description: shown before the bar, e.g. the method.
+    enabled: False shows nothing at all.
   """
 
-  def __init__(self, total: int, start: int, description: str):
+  def __init__(self, total: int, start: int, description: str, enabled: bool = True):
     from rich.console import Console  # pylint: disable=g-import-not-at-top
     from rich.progress import (  # pylint: disable=g-import-not-at-top
       BarColumn,
@@ -119,8 +121,10 @@ class Progress:
       TimeRemainingColumn,
     )
     from rich.progress import Progress as RichProgress  # pylint: disable=g-import-not-at-top
-    self._interactive = sys.stderr.isatty()
+    self._enabled = enabled
+    self._interactive = enabled and sys.stderr.isatty()
     self._description = description
+    self._start, self._start_time = start, time.perf_counter()
     self._bar = RichProgress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[speed]} steps/s"), TimeRemainingColumn(),
@@ -136,12 +140,16 @@ class Progress:
   def __exit__(self, *exc_info: Any) -> None:
     self._bar.stop()
 
-  def advance(self, step: int, steps_per_second: float) -> None:
-    """Moves the bar to ``step``."""
-    self._bar.update(self._task, completed=step, speed=f"{steps_per_second:.1f}")
+  def advance(self, step: int) -> None:
+    """Moves the bar to ``step`` and updates the speed since the start."""
+    if self._interactive:
+      speed = (step - self._start) / max(time.perf_counter() - self._start_time, 1e-9)
+      self._bar.update(self._task, completed=step, speed=f"{speed:.1f}")
 
   def show(self, row: dict[str, Any]) -> None:
     """Shows a logged row: its loss and sparsity (and accuracy at evaluation rows)."""
+    if not self._enabled:
+      return
     status = f"loss {row['train_loss']:.4f}  sparsity {row['sparsity']:.3f}"
     if row.get("test_accuracy") is not None:
       status += f"  test acc {row['test_accuracy']:.4f}"

@@ -20,6 +20,7 @@ is what makes resuming exact.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import contextlib
 import functools
 import json
 import os
@@ -370,45 +371,40 @@ def _train(experiment: Experiment, state: TrainState, totals: Totals,
   eval_every = cfg.every(config.eval_every, per_epoch)
   checkpoint_every = cfg.every(config.checkpoint_every, per_epoch)
   train_step, evaluate = make_train_step(experiment), make_evaluate(experiment)
-  step = int(state.step)
-  last_row = None
-  progress = Progress(num_steps, step, experiment.method) if show_progress else None
-  tic, tic_step = time.perf_counter(), step
-  batches = experiment.pipeline.iterate(step)
-  try:
-    if progress is not None:
-      progress.__enter__()
+  step, last_row = int(state.step), None
+  with (contextlib.closing(experiment.pipeline.iterate(step)) as batches,
+        Progress(num_steps, step, experiment.method, enabled=show_progress) as progress):
     while step < num_steps:
       state = train_step(state, next(batches))
       step += 1
-      final = step == num_steps
-      is_eval, is_log = final or step % eval_every == 0, step % config.log_every == 0
-      if is_eval or is_log or step % checkpoint_every == 0:
+      is_eval = step == num_steps or step % eval_every == 0
+      is_log = is_eval or step % config.log_every == 0
+      is_checkpoint = step == num_steps or step % checkpoint_every == 0
+      if is_log or is_checkpoint:
         state, totals = _flush(state, totals, config.batch_size)
-      if is_eval or is_log:
+      if is_log:
         last_row = _row(experiment, state, totals, evaluate(state) if is_eval else None)
-        state = state._replace(tracker=state.tracker._replace(
-            loss_sum=jnp.zeros((), jnp.float32), loss_count=jnp.zeros((), jnp.int32),
-            eval_masks=jax.tree.map(jnp.copy, _masks(state.opt_state)) if is_eval
-            else state.tracker.eval_masks))
+        state = _start_next_row(state, is_eval)
         if writer is not None:
           writer.write(last_row)
-        if progress is not None:
-          progress.show(last_row)
-      if checkpointer is not None and (final or step % checkpoint_every == 0):
+        progress.show(last_row)
+      if checkpointer is not None and is_checkpoint:
         checkpointer.save(step, state, {"next_batch": step, "totals": totals._asdict()})
-      if progress is not None:
-        now = time.perf_counter()
-        progress.advance(step, (step - tic_step) / max(now - tic, 1e-9))
-  finally:
-    batches.close()
-    if progress is not None:
-      progress.__exit__(None, None, None)
+      progress.advance(step)
   if last_row is None and writer is not None:  # resumed after the end: report the last row
     last_row = writer.last_row()
   if last_row is None or last_row.get("test_accuracy") is None:
     last_row = _row(experiment, state, totals, evaluate(state))
   return state, totals, last_row
+
+
+def _start_next_row(state: TrainState, evaluated: bool) -> TrainState:
+  """Resets the running loss after a logged row (and the churn reference after an evaluation)."""
+  tracker = state.tracker._replace(loss_sum=jnp.zeros((), jnp.float32),
+                                   loss_count=jnp.zeros((), jnp.int32))
+  if evaluated:
+    tracker = tracker._replace(eval_masks=jax.tree.map(jnp.copy, _masks(state.opt_state)))
+  return state._replace(tracker=tracker)
 
 
 def _summary(experiment: Experiment, state: TrainState, totals: Totals,
