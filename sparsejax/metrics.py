@@ -160,7 +160,7 @@ def mask_statistics(masks: Any, ever: Any, previous: Any) -> dict[str, Any]:
 
   Args:
     masks: the current mask pytree.
-    ever: masks of the weights ever active (:func:`ever_active`).
+    ever: masks of the weights ever active (:func:`ever_active`); None for ``masks``.
     previous: the masks at an earlier point (e.g. the last evaluation).
 
   Returns:
@@ -169,7 +169,7 @@ def mask_statistics(masks: Any, ever: Any, previous: Any) -> dict[str, Any]:
     weights ever active (the ITOP rate of Liu et al. 2021), and the fraction of the
     active weights that were inactive in ``previous``.
   """
-  counts = jax.device_get(_counts(masks, ever, previous))
+  counts = jax.device_get(_counts(masks, masks if ever is None else ever, previous))
   sizes = layer_sizes(masks)
   total, nnz = sum(sizes.values()), sum(int(n) for n in counts["layers"].values())
   return {"sparsity": 1.0 - nnz / total if total else 0.0,

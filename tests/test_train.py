@@ -334,3 +334,4 @@ def test_dense_optimizer_has_no_masks(data):
   experiment = loop.setup(small_config("dense"), data)
   assert optax.tree_utils.tree_get(experiment.state.opt_state, "masks") is None
   assert experiment.state.tracker.ever_active is None
+  assert loop.setup(small_config("static"), data).state.tracker.ever_active is None

@@ -124,9 +124,9 @@ class Progress:
     self._enabled = enabled
     self._interactive = enabled and sys.stderr.isatty()
     self._description = description
-    self._start, self._start_time = start, time.perf_counter()
+    self._timed_from: tuple[int, float] | None = None  # (step, time) after the first step
     self._bar = RichProgress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
         TextColumn("{task.fields[speed]} steps/s"), TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
         console=Console(stderr=True), disable=not self._interactive)
@@ -141,10 +141,16 @@ class Progress:
     self._bar.stop()
 
   def advance(self, step: int) -> None:
-    """Moves the bar to ``step`` and updates the speed since the start."""
-    if self._interactive:
-      speed = (step - self._start) / max(time.perf_counter() - self._start_time, 1e-9)
-      self._bar.update(self._task, completed=step, speed=f"{speed:.1f}")
+    """Moves the bar to ``step``; the speed is measured from the first step on (after
+    its compilation)."""
+    if not self._interactive:
+      return
+    now = time.perf_counter()
+    if self._timed_from is None:
+      self._timed_from = (step, now)
+    first_step, first_time = self._timed_from
+    speed = f"{(step - first_step) / (now - first_time):.0f}" if step > first_step else "-"
+    self._bar.update(self._task, completed=step, speed=speed)
 
   def show(self, row: dict[str, Any]) -> None:
     """Shows a logged row: its loss and sparsity (and accuracy at evaluation rows)."""
@@ -152,7 +158,7 @@ class Progress:
       return
     status = f"loss {row['train_loss']:.4f}  sparsity {row['sparsity']:.3f}"
     if row.get("test_accuracy") is not None:
-      status += f"  test acc {row['test_accuracy']:.4f}"
+      status += f"  acc {row['test_accuracy']:.4f}"
     self._bar.update(self._task, status=status)
     if not self._interactive and row.get("test_accuracy") is not None:
       print(f"{self._description}: step {row['step']}  {status}", file=sys.stderr, flush=True)

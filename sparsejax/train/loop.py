@@ -52,7 +52,7 @@ class Tracker(NamedTuple):
   loss_sum: jax.Array  # training loss summed since the last logged row
   loss_count: jax.Array  # steps since the last logged row
   flops: jax.Array  # sparse training FLOPs per example since the last host flush
-  ever_active: Any  # masks of the weights active at some step so far (None when dense)
+  ever_active: Any  # masks of the weights active so far (None unless the masks change)
   eval_masks: Any  # masks at the last evaluation row, for churn (None when dense)
 
 
@@ -130,8 +130,9 @@ def _masks(opt_state: optax.OptState) -> Any:
 
 
 def initial_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                  sample: jax.Array) -> TrainState:
-  """Initialises the model (from ``seed``), the optimizer and the running metrics."""
+                  sample: jax.Array, track_coverage: bool) -> TrainState:
+  """Initialises the model (from ``seed``), the optimizer and the running metrics
+  (the ever-active masks only with ``track_coverage``)."""
   variables = jax.jit(functools.partial(model.init, train=False))(
       jax.random.PRNGKey(seed), sample)
   params = variables.pop("params")
@@ -140,7 +141,8 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
   masks = _masks(opt_state)
   copy = functools.partial(jax.tree.map, jnp.copy)  # own buffers: the train step donates
   tracker = Tracker(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
-                    jnp.zeros((), jnp.float32), copy(masks), copy(masks))
+                    jnp.zeros((), jnp.float32), copy(masks) if track_coverage else None,
+                    copy(masks))
   return TrainState(jnp.zeros((), jnp.int32), params, dict(variables), opt_state, tracker)
 
 
@@ -172,7 +174,8 @@ def setup(config: ml_collections.ConfigDict, data: tuple[Any, Any] | None = None
   model = get_model(config.model, num_classes(dataset, config.data.data_dir))
   sample = pipeline.batch(0)["image"][:1]
   try:
-    state = initial_state(model, tx, config.seed, sample)
+    state = initial_state(model, tx, config.seed, sample,
+                          track_coverage=sparse["method"] in metrics.DYNAMIC_METHODS)
   except (ValueError, TypeError) as e:
     raise ValueError(f"config.sparse: {e}") from e
   positions = metrics.kernel_positions(
@@ -216,9 +219,10 @@ def make_train_step(experiment: Experiment) -> Callable[[TrainState, Any], Train
       sparse, dense = metrics.forward_flops(state.params, _masks(state.opt_state),
                                             experiment.positions)
       step_flops = metrics.training_flops(sparse, dense, dense_gradient(state.step + 1))
-      tracker = tracker._replace(
-          flops=tracker.flops + step_flops,
-          ever_active=metrics.ever_active(tracker.ever_active, _masks(opt_state)))
+      tracker = tracker._replace(flops=tracker.flops + step_flops)
+      if tracker.ever_active is not None:
+        tracker = tracker._replace(
+            ever_active=metrics.ever_active(tracker.ever_active, _masks(opt_state)))
     return TrainState(state.step + 1, params, model_state, opt_state, tracker)
 
   return jax.jit(train_step, donate_argnums=0)
