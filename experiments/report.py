@@ -210,7 +210,9 @@ def run_info(run: Run) -> dict[str, Any]:
   if isinstance(model, Mapping):
     model = model.get("name")
   method = _config_value(config, "method", "sparse") or "unknown"
-  info = {"method": method, "dataset": _config_value(config, "dataset", "data"), "model": model,
+  alpha = _config_value(config, "alpha", "sparse")
+  info = {"method": method, "variant": None if alpha is None else f"alpha={alpha:g}",
+          "dataset": _config_value(config, "dataset", "data"), "model": model,
           "seed": _config_value(config, "seed", "train"),
           "target_sparsity": None if method == DENSE else _config_value(config, "sparsity",
                                                                           "sparse")}
@@ -224,8 +226,14 @@ def run_info(run: Run) -> dict[str, Any]:
 
 
 def group_key(summary: Mapping[str, Any]) -> GroupKey:
-  """The group of a summary (or :func:`run_info`) dict: dataset, model, method, target."""
+  """The group of a summary (or :func:`run_info`) dict: dataset, model, method, target.
+
+  A ``variant`` (e.g. DST's ``"alpha=0.0005"``, which stands in for a target sparsity)
+  is part of the method's name: ``"dst (alpha=0.0005)"``.
+  """
   method = str(summary.get("method") or "unknown")
+  if summary.get("variant"):
+    method = f"{method} ({summary['variant']})"
   target = summary.get("target_sparsity")
   return GroupKey(str(summary.get("dataset") or "-"), str(summary.get("model") or "-"), method,
                   None if method == DENSE or target is None else round(float(target), 6))

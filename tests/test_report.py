@@ -137,7 +137,8 @@ def test_load_run_and_info(sweep):
   assert finished.finished and len(finished.metrics) == 4 and finished.summary["seed"] == 1
   unfinished = report.load_run(sweep / "rigl" / "s3")
   assert not unfinished.finished and len(unfinished.metrics) == 3
-  assert report.run_info(unfinished) == {"method": "rigl", "dataset": "fashion_mnist",
+  assert report.run_info(unfinished) == {"method": "rigl", "variant": None,
+                                         "dataset": "fashion_mnist",
                                          "model": "lenet300100", "seed": 3,
                                          "target_sparsity": 0.9}
   assert report.run_info(report.load_run(sweep / "dense_s0"))["target_sparsity"] is None
@@ -288,3 +289,15 @@ def test_importing_defines_no_flag():
   from absl import flags
 
   assert "out" not in flags.FLAGS  # experiments.train imports markdown_table from here
+
+
+def test_dst_runs_are_grouped_by_alpha():
+  def summary(alpha, accuracy, seed):
+    return {"method": "dst", "variant": f"alpha={alpha:g}", "dataset": "fashion_mnist",
+            "model": "lenet300100", "seed": seed, "target_sparsity": None, "sparsity": 0.9,
+            "test_accuracy": accuracy, "train_flops_ratio": 0.5, "inference_flops_ratio": 0.1,
+            "coverage": 1.0}
+
+  rows = report.aggregate([summary(5e-4, 0.8, 0), summary(5e-4, 0.9, 1), summary(1e-3, 0.7, 0)])
+  assert [(row["key"].method, row["n"]) for row in rows] == [
+      ("dst (alpha=0.0005)", 2), ("dst (alpha=0.001)", 1)]

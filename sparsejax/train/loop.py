@@ -417,6 +417,8 @@ def _summary(experiment: Experiment, state: TrainState, totals: Totals,
   return {
       "method": experiment.method, "dataset": config.data.dataset, "model": config.model,
       "seed": config.seed, "target_sparsity": config.sparse.get("sparsity"),
+      # What sets the sparsity of a method without a target (DST): part of its group.
+      "variant": f"alpha={config.sparse.alpha:g}" if "alpha" in config.sparse else None,
       "sparsity": last_row["sparsity"], "test_accuracy": last_row["test_accuracy"],
       "test_loss": last_row["test_loss"], "train_loss": last_row["train_loss"],
       "steps": int(state.step), "seconds": seconds,
