@@ -34,6 +34,8 @@ from typing import Any, NamedTuple
 
 from absl import app, flags
 
+from experiments.cli import fail, flag_error_line
+
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -606,28 +608,23 @@ def define_flags() -> None:
                       "else ./report).")
 
 
-def _fail(message: str, status: int) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(status)
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses the flags like ``app.run``, but reports an error as one line, with status 2."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(" ".join(line.strip() for line in str(e).splitlines() if line.strip()), INPUT_ERROR)
+    fail(flag_error_line(e), INPUT_ERROR)
 
 
 def main(argv: Sequence[str]) -> None:
   paths = list(argv[1:])
   if not paths:
-    _fail("give at least one run directory: python -m experiments.report DIR [DIR ...]",
+    fail("give at least one run directory: python -m experiments.report DIR [DIR ...]",
           INPUT_ERROR)
   try:
     runs = [load_run(path) for path in find_runs(paths)]
   except ReportError as e:
-    _fail(str(e), INPUT_ERROR)
+    fail(str(e), INPUT_ERROR)
   for run in runs:
     if not run.finished:
       print(f"unfinished (no {SUMMARY_FILE}), left out of the table: {run.path}",
@@ -644,7 +641,7 @@ def main(argv: Sequence[str]) -> None:
     write_report(table, out)
     written = write_plots(runs, out)
   except OSError as e:
-    _fail(f"--out: {e}", OUTPUT_ERROR)
+    fail(f"--out: {e}", OUTPUT_ERROR)
   print(f"wrote {out / REPORT_FILE} and {len(written)} plots in {out}", file=sys.stderr)
 
 if __name__ == "__main__":

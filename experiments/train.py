@@ -22,13 +22,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 import os
 from pathlib import Path
-import re
 import sys
 
 from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
+from experiments.cli import fail, flag_error_line
 from experiments.report import markdown_table
 from sparsejax import train as train_lib
 
@@ -46,25 +46,17 @@ DATA_ERROR = 1
 OUTPUT_ERROR = 1
 
 
-def _fail(message: str, status: int) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(status)
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses the flags like ``app.run``, but reports an error as one line, with status 2."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    if len(lines) > 1 and "Traceback" in str(e):  # an exception raised by get_config
-      lines = [re.sub(r"^\w+: ", "", lines[-1])]
-    _fail(" ".join(lines), CONFIG_ERROR)
+    fail(flag_error_line(e), CONFIG_ERROR)
   except (AttributeError, KeyError) as e:  # ml_collections, for an override of a missing key
     key = str(e).strip("\"'")
     names = [arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")]
     names = [name for name in names if key in name.split(".")] or [f"--config.*{key}"]
-    _fail(f"{names[0]}: the config has no such key", CONFIG_ERROR)
+    fail(f"{names[0]}: the config has no such key", CONFIG_ERROR)
 
 
 def methods_to_run(config_method: str, methods: Sequence[str] | None,
@@ -97,13 +89,13 @@ def run_dirs(workdir: str | None, methods: Sequence[str]) -> list[Path | None]:
 def _loaded_config() -> ml_collections.ConfigDict:
   config = _CONFIG.value
   if config is None:
-    _fail("--config is required, e.g. --config=experiments/configs/fashion_mnist.py:rigl",
+    fail("--config is required, e.g. --config=experiments/configs/fashion_mnist.py:rigl",
           CONFIG_ERROR)
   if not isinstance(config, ml_collections.ConfigDict):
     try:  # config_flags stands in an object that raises on access for a file it could not load
       config.get("sparse")
     except OSError as e:
-      _fail(" ".join(line.strip() for line in str(e).splitlines() if line.strip()), CONFIG_ERROR)
+      fail(" ".join(line.strip() for line in str(e).splitlines() if line.strip()), CONFIG_ERROR)
   return config
 
 
@@ -121,11 +113,11 @@ def main(argv: Sequence[str]) -> None:
     for run_config in configs:
       train_lib.validate_config(run_config)
   except ValueError as e:
-    _fail(str(e), CONFIG_ERROR)
+    fail(str(e), CONFIG_ERROR)
   try:
     data = train_lib.load_data(config)
   except (FileNotFoundError, ValueError) as e:
-    _fail(str(e), DATA_ERROR)
+    fail(str(e), DATA_ERROR)
   directories = run_dirs(_WORKDIR.value, methods)
   try:  # build (and check the run directory of) every run before any trains
     experiments = [train_lib.setup(run_config, data) for run_config in configs]
@@ -133,7 +125,7 @@ def main(argv: Sequence[str]) -> None:
       if directory is not None:
         train_lib.check_workdir(directory, experiment.config)
   except ValueError as e:
-    _fail(str(e), CONFIG_ERROR)
+    fail(str(e), CONFIG_ERROR)
   for directory in directories:
     if directory is not None:
       try:
@@ -141,7 +133,7 @@ def main(argv: Sequence[str]) -> None:
         if not os.access(directory, os.W_OK):
           raise OSError(f"cannot write to {directory}")
       except OSError as e:
-        _fail(f"--workdir: {e}", OUTPUT_ERROR)
+        fail(f"--workdir: {e}", OUTPUT_ERROR)
   summaries = []
   for experiment, directory in zip(experiments, directories):
     summaries.append(train_lib.run(experiment, directory))
