@@ -5,7 +5,6 @@ from sparsejax.train.loop import (
     Experiment,
     TrainState,
     build_optimizer,
-    check_workdir,
     load_data,
     make_evaluate,
     make_train_step,
@@ -13,6 +12,7 @@ from sparsejax.train.loop import (
     setup,
 )
 from sparsejax.train.models import get_model
+from sparsejax.train.workdir import check_workdir
 
 __all__ = [
     "Experiment",

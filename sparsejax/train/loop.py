@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 import contextlib
 import functools
-import json
 import os
 from pathlib import Path
 import time
@@ -39,12 +38,9 @@ from sparsejax import metrics
 from sparsejax.data import NORMALIZATION, TrainPipeline, eval_batches, load_source, num_classes
 from sparsejax.train import experiment_config as cfg
 from sparsejax.train.checkpoints import Checkpointer
-from sparsejax.train.logs import MetricsWriter, Progress, plain
+from sparsejax.train.logs import MetricsWriter, Progress
 from sparsejax.train.models import get_model
-
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
-CHECKPOINT_DIR = "checkpoints"
+from sparsejax.train.workdir import CHECKPOINT_DIR, check_workdir, write_config, write_summary
 
 
 class Tracker(NamedTuple):
@@ -292,34 +288,6 @@ def _flush(state: TrainState, totals: Totals, batch_size: int) -> tuple[TrainSta
       flops=jnp.zeros((), jnp.float32))), totals
 
 
-def check_workdir(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError when ``workdir`` holds a run of a different config (nothing is touched).
-
-  Args:
-    workdir: the run directory (may not exist yet).
-    config: the resolved config of the run about to start.
-  """
-  path = Path(workdir) / CONFIG_FILE
-  if not path.exists():
-    return
-  saved, current = json.loads(path.read_text()), json.loads(config.to_json_best_effort())
-  difference = _first_difference(saved, current)
-  if difference is not None:
-    key, old, new = difference
-    raise ValueError(f"{workdir} holds a run with config.{key} = {old!r}, not {new!r}: use "
-                     "another --workdir (or delete that run) to train this config")
-
-
-def _first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
-  if isinstance(old, dict) and isinstance(new, dict):
-    for key in sorted(set(old) | set(new)):
-      found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
-      if found is not None:
-        return found
-    return None
-  return None if old == new else (prefix.rstrip("."), old, new)
-
-
 def run(experiment: Experiment, workdir: str | os.PathLike[str] | None = None,
         show_progress: bool = True) -> dict[str, Any]:
   """Trains ``experiment`` (resuming from ``workdir`` if it holds a checkpoint) and evaluates it.
@@ -344,8 +312,7 @@ def run(experiment: Experiment, workdir: str | os.PathLike[str] | None = None,
   checkpointer = writer = None
   if workdir is not None:
     check_workdir(workdir, config)
-    Path(workdir).mkdir(parents=True, exist_ok=True)
-    (Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + "\n")
+    write_config(workdir, config)
     checkpointer = Checkpointer(Path(workdir) / CHECKPOINT_DIR, config.keep_checkpoints)
     restored = checkpointer.restore(state)
     if restored is not None:
@@ -362,7 +329,7 @@ def run(experiment: Experiment, workdir: str | os.PathLike[str] | None = None,
       checkpointer.close()
   summary = _summary(experiment, state, totals, last_row, time.perf_counter() - start_time)
   if workdir is not None:
-    (Path(workdir) / SUMMARY_FILE).write_text(json.dumps(plain(summary), indent=1) + "\n")
+    write_summary(workdir, summary)
   return summary
 
 
