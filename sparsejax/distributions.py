@@ -32,7 +32,14 @@ def check_distribution(distribution) -> None:
 
 
 def _raw_density(shape: Sequence[int], distribution: str) -> float:
-  """Unscaled ER/ERK density of a leaf (RigL's ``sparse_utils``)."""
+  """Unscaled ER/ERK density of a leaf (RigL's ``sparse_utils``).
+
+  A leaf with fewer than two axes counts as a ``[1, n]`` kernel (one input, ``n``
+  outputs); an empty leaf has density 0.
+  """
+  shape = (1,) * (2 - len(shape)) + tuple(shape)
+  if math.prod(shape) == 0:
+    return 0.0
   if distribution == "erk":
     return sum(shape) / math.prod(shape)
   n_in, n_out = shape[-2:]
@@ -51,7 +58,10 @@ def _scaled_densities(shapes: Sequence[Sequence[int]], density: float,
     if not rest:
       return [1.0] * len(shapes)
     kept_dense = sum(sizes[i] for i in dense)
-    epsilon = (budget - kept_dense) / sum(raw[i] * sizes[i] for i in rest)
+    weighted = sum(raw[i] * sizes[i] for i in rest)
+    if weighted == 0:  # only empty leaves are left
+      return [1.0 if i in dense else 0.0 for i in range(len(shapes))]
+    epsilon = (budget - kept_dense) / weighted
     newly_dense = {i for i in rest if epsilon * raw[i] > 1.0}
     if not newly_dense:
       return [1.0 if i in dense else epsilon * raw[i] for i in range(len(shapes))]

@@ -40,9 +40,11 @@ def map_masked(fn: Callable[..., Any], masks: Any, *trees: Any) -> Any:
 
 
 def keep_small_leaves_dense(path: str, leaf: Any) -> bool:
-  """Default ``dense`` predicate: leaves with fewer than two axes (biases, scales)."""
+  """Default ``dense`` predicate: leaves with fewer than two axes (biases, scales),
+  leaves that are not floating point (integer tables, keys) and empty leaves."""
   del path
-  return jnp.ndim(leaf) < 2
+  return (jnp.ndim(leaf) < 2 or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+          or math.prod(jnp.shape(leaf)) == 0)
 
 
 def _key_name(key: Any) -> str | None:
@@ -147,22 +149,43 @@ def masks(opt_state: optax.OptState) -> Any:
   return optax.tree_utils.tree_get(unbox(opt_state), "masks")
 
 
-def summary(opt_state: optax.OptState) -> dict[str, Any]:
+def summary(opt_state: optax.OptState, params: Any = None) -> dict[str, Any]:
   """Per-leaf and global non-zeros, sizes and sparsities, counted from the masks.
+
+  With ``params``, also counts the non-zeros actually present in every masked leaf:
+  a leaf whose masked-out weights are not all 0 (the method was not the outermost
+  transformation, or params were changed outside the optimizer) is listed under
+  ``"violations"``.
 
   Args:
     opt_state: the state of a sparsejax method (see :func:`masks`).
+    params: optional params to check against the masks.
 
   Returns:
     ``{"layers": {path: {"nnz", "size", "sparsity"}}, "nnz", "size", "sparsity"}``
-    over masked leaves; dense leaves are not listed.
+    over masked leaves (dense leaves are not listed); with ``params`` each layer
+    also has ``"nonzero"`` (non-zeros present) and ``"nonzero_masked"`` (non-zeros
+    where the mask is False), and the result has ``"violations"``: the paths with
+    ``nonzero_masked > 0``.
   """
   tree = masks(opt_state)
+  values = None
+  if params is not None:
+    values = jax.tree.leaves(jax.tree.map(lambda m, p: None if m is None else p, tree,
+                                          unbox(params), is_leaf=is_unmasked))
   layers = {}
-  for path, mask in jax.tree_util.tree_flatten_with_path(tree)[0]:
+  for i, (path, mask) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
     nnz, size = int(jnp.sum(mask)), math.prod(mask.shape)
-    layers[path_name(path)] = {"nnz": nnz, "size": size, "sparsity": 1.0 - nnz / size}
+    layer = {"nnz": nnz, "size": size, "sparsity": 1.0 - nnz / size if size else 0.0}
+    if values is not None:
+      present = jnp.asarray(values[i]) != 0
+      layer["nonzero"] = int(jnp.sum(present))
+      layer["nonzero_masked"] = int(jnp.sum(present & ~mask))
+    layers[path_name(path)] = layer
   nnz = sum(layer["nnz"] for layer in layers.values())
   size = sum(layer["size"] for layer in layers.values())
-  return {"layers": layers, "nnz": nnz, "size": size,
-          "sparsity": 1.0 - nnz / size if size else 0.0}
+  out = {"layers": layers, "nnz": nnz, "size": size,
+         "sparsity": 1.0 - nnz / size if size else 0.0}
+  if values is not None:
+    out["violations"] = [path for path, layer in layers.items() if layer["nonzero_masked"]]
+  return out

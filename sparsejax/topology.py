@@ -39,10 +39,12 @@ def random_init(sparsity: float, distribution: str | Mapping[str, float],
 
 def drop_and_grow_leaf(mask: jax.Array, drop_score: jax.Array, grow_score: jax.Array,
                        fraction: jax.Array) -> jax.Array:
-  """One layer's update: drop the k weakest active weights, grow the k best inactive.
+  """One layer's update: drop the k weakest active weights, grow the k best of the rest.
 
-  ``k = round(fraction · nnz)``, capped by the number of inactive weights; a weight
-  dropped here is never regrown in the same update, so nnz is unchanged.
+  As ``_get_update_op`` of google-research/rigl: ``k = int(fraction · nnz)``
+  (truncated), the ``nnz − k`` active weights with the highest drop score are kept,
+  and the ``k`` weights with the highest grow score among all the others, the ones
+  dropped just now included, are grown; nnz is unchanged.
 
   Args:
     mask: bool mask of the layer.
@@ -54,9 +56,9 @@ def drop_and_grow_leaf(mask: jax.Array, drop_score: jax.Array, grow_score: jax.A
     The new bool mask.
   """
   nnz = mask.sum(dtype=jnp.int32)
-  k = jnp.minimum(jnp.round(fraction * nnz).astype(jnp.int32), mask.size - nnz)
+  k = (nnz.astype(jnp.float32) * fraction).astype(jnp.int32)
   kept = top_k_mask(drop_score, nnz - k, eligible=mask)
-  grown = top_k_mask(grow_score, k, eligible=~mask)
+  grown = top_k_mask(grow_score, k, eligible=~kept)
   return kept | grown
 
 

@@ -4,14 +4,18 @@
 ``optax.apply_updates``, every masked leaf of the params is exactly zero where its
 mask is False. A :class:`Topology` says how masks start and how they change; the
 wrapper does the rest: masking gradients, the ``lax.cond`` on mask-update steps, and
-resetting the inner optimizer state of weights whose mask changed.
+resetting the inner optimizer state of grown weights.
 
 A mask-update step computes the new masks from the current weights and the step's
-dense gradient (the scores of RigL's Algorithm 1), then trains the weights active
-under both the old and the new mask. Grown weights receive no gradient in that step,
-so they end it at exactly 0 with a fresh inner-optimizer state. (The official RigL
-code skips the whole optimizer step at an update; like jaxpruner and the PyTorch
-ports we do not waste that step.)
+dense gradient (the scores of RigL's Algorithm 1). Weights grown by it start from 0
+with the inner optimizer's initial state; a weight dropped and regrown in the same
+update keeps its value and state (as in google-research/rigl). Then, by default, the
+step ends (Algorithm 1, the official RigL code and jaxpruner's default skip the
+optimizer step at an update: zero updates, inner state unchanged apart from the
+reset); with ``Topology.train_at_update`` the weights active under both masks also
+take this step's optimizer update. A mask update is skipped, keeping the old masks,
+when a masked leaf's gradient is not finite (``SparseState.nonfinite_updates`` counts
+these).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax.masks import is_unmasked, map_masked
+from sparsejax.optstate import reset_entries
 from sparsejax.scores import ScoreInputs
 
 
@@ -34,6 +39,7 @@ class SparseState(NamedTuple):
   masks: Any  # bool array per masked leaf, None for dense leaves
   inner_state: optax.OptState
   extra: Any  # method-specific state, e.g. activity counts; () when unused
+  nonfinite_updates: jax.Array  # mask updates skipped for a non-finite gradient (int32)
 
 
 class Topology(NamedTuple):
@@ -45,11 +51,15 @@ class Topology(NamedTuple):
     is_update_step: ``step -> bool``; None for masks that never change.
     update_masks: ``ScoreInputs -> (masks, extra)`` at an update step, from the
       weights before this step's update and this step's dense gradient.
+    train_at_update: whether the weights active under both the old and the new
+      masks take the optimizer step at a mask-update step (GMP); False skips the
+      optimizer step there (the RigL family, as in RigL's Algorithm 1).
   """
   init_masks: Callable[[Any, jax.Array], Any]
   init_extra: Callable[[Any, Any], Any] = lambda params, masks: ()
   is_update_step: Callable[[jax.Array], jax.Array] | None = None
   update_masks: Callable[[ScoreInputs], tuple[Any, Any]] | None = None
+  train_at_update: bool = True
 
 
 def apply_masks(tree: Any, masks: Any) -> Any:
@@ -64,31 +74,10 @@ def _masked_updates(updates: Any, masks: Any, params: Any) -> Any:
                       masks, updates, params, is_leaf=is_unmasked)
 
 
-def reset_inner_state(inner: optax.GradientTransformation, inner_state: optax.OptState,
-                      params: Any, where: Any) -> optax.OptState:
-  """Resets the entries of every param-shaped buffer of ``inner_state`` to their init value.
-
-  Generic over optax states: ``optax.tree_utils.tree_map_params`` finds the
-  buffers shaped like the params (momenta, Adam moments, ...).
-
-  Args:
-    inner: the inner optimizer.
-    inner_state: its state.
-    params: current params (only used to compute the initial state).
-    where: mask pytree like ``params``: True where the state must be reset;
-      None for leaves to leave untouched.
-
-  Returns:
-    The state with the selected entries reset.
-  """
-  flags = jax.tree.map(lambda w: jnp.zeros((), bool) if w is None else w, where,
-                       is_leaf=is_unmasked)
-  no_reset = jnp.zeros((), bool)
-  reset_here = optax.tree_utils.tree_map_params(
-      inner, lambda _, flag: flag, inner_state, flags,
-      transform_non_params=lambda _: no_reset)
-  fresh = inner.init(params)
-  return jax.tree.map(lambda s, f, r: jnp.where(r, f, s), inner_state, fresh, reset_here)
+def all_finite(tree: Any, masks: Any) -> jax.Array:
+  """Whether every masked leaf of ``tree`` is finite (a bool scalar)."""
+  checks = jax.tree.leaves(map_masked(lambda _, x: jnp.isfinite(x).all(), masks, tree))
+  return jnp.stack(checks).all() if checks else jnp.ones((), bool)
 
 
 def require_params(params: Any) -> None:
@@ -118,38 +107,58 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
     masks = topology.init_masks(params, mask_key)
     return SparseState(step=jnp.zeros((), jnp.int32), key=key, masks=masks,
                        inner_state=inner.init(params),
-                       extra=topology.init_extra(params, masks))
+                       extra=topology.init_extra(params, masks),
+                       nonfinite_updates=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     require_params(params)
-    step = state.step + 1
+    step = optax.safe_increment(state.step)
+
+    def train(masks, inner_state):
+      return inner.update(apply_masks(updates, masks), inner_state, params, **extra_args)
+
     if topology.update_masks is None:
-      inner_updates, inner_state = inner.update(
-          apply_masks(updates, state.masks), state.inner_state, params, **extra_args)
+      inner_updates, inner_state = train(state.masks, state.inner_state)
       return (_masked_updates(inner_updates, state.masks, params),
               state._replace(step=step, inner_state=inner_state))
 
-    def rewire(key, extra):
+    def rewire(key, extra, inner_state):
+      """New masks; grown weights get the inner optimizer's initial state."""
       key, score_key = jax.random.split(key)
       masks, extra = topology.update_masks(
           ScoreInputs(params, updates, state.masks, score_key, step, extra))
-      return masks, key, extra
+      grown = map_masked(lambda new, old: new & ~old, masks, state.masks)
+      return masks, key, extra, reset_entries(inner, inner_state, params, grown)
 
-    # The cond reads arrays the step has anyway (params, gradients) and returns only
-    # masks, key and method state, so a step that does not rewire costs what a
-    # static-mask step costs: the weights' update stays fused outside it.
-    masks, key, extra = jax.lax.cond(topology.is_update_step(step), rewire,
-                                     lambda key, extra: (state.masks, key, extra),
-                                     state.key, state.extra)
-    kept = map_masked(jnp.logical_and, masks, state.masks)
-    changed = map_masked(jnp.not_equal, masks, state.masks)
-    # Weights whose mask changed restart from the inner optimizer's initial state;
-    # only weights active before and after the update receive gradient.
-    inner_updates, inner_state = inner.update(
-        apply_masks(updates, kept), reset_inner_state(inner, state.inner_state, params, changed),
-        params, **extra_args)
+    def keep(key, extra, inner_state):
+      return state.masks, key, extra, inner_state
+
+    is_update = topology.is_update_step(step)
+    finite = all_finite(updates, state.masks)
+    rewiring = is_update & finite
+    nonfinite = state.nonfinite_updates + (is_update & ~finite).astype(jnp.int32)
+    if topology.train_at_update:
+      # Only masks, key, method state and the inner state cross the cond; the weights'
+      # update stays outside it, fused with the rest of the step.
+      masks, key, extra, inner_state = jax.lax.cond(
+          rewiring, rewire, keep, state.key, state.extra, state.inner_state)
+      trained = map_masked(jnp.logical_and, masks, state.masks)
+      inner_updates, inner_state = train(trained, inner_state)
+    else:
+      def rewire_only(key, extra, inner_state):
+        masks, key, extra, inner_state = rewire(key, extra, inner_state)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), skipped_shape)
+        return masks, key, extra, zeros, inner_state
+
+      def keep_and_train(key, extra, inner_state):
+        return (state.masks, key, extra) + tuple(train(state.masks, inner_state))
+
+      skipped_shape = jax.eval_shape(train, state.masks, state.inner_state)[0]
+      masks, key, extra, inner_updates, inner_state = jax.lax.cond(
+          rewiring, rewire_only, keep_and_train, state.key, state.extra, state.inner_state)
+      trained = masks
     # Dropped weights become exactly 0; grown ones were masked, hence 0 already.
-    return (_masked_updates(inner_updates, kept, params),
-            SparseState(step, key, masks, inner_state, extra))
+    return (_masked_updates(inner_updates, trained, params),
+            SparseState(step, key, masks, inner_state, extra, nonfinite))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

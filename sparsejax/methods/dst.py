@@ -8,8 +8,8 @@ params hold W ⊙ M. From g = ∂L/∂(W ⊙ M) the step's estimator gives
   ∂L/∂t = −Σ_{all axes but last} g ⊙ W ⊙ H(|W| − t) − α·exp(−t)
 
 (the last term is the gradient of the regulariser α·Σ exp(−t)). The inner optimizer
-updates (W, t) together, so weight decay in it reaches the thresholds as in the
-official code. A leaf whose density falls to ``recovery_density`` or below has its
+updates W (and the dense leaves), a second instance of it (or ``threshold_optimizer``)
+updates t. A leaf whose density falls to ``recovery_density`` or below has its
 thresholds reset to 0.
 """
 
@@ -29,16 +29,18 @@ from sparsejax.masks import (
   masked_leaves,
   unbox,
 )
-from sparsejax.wrapper import require_params
+from sparsejax.wrapper import all_finite, require_params
 
 
 class DSTState(NamedTuple):
-  """State of :func:`dst`: latent weights, thresholds, masks and the inner state."""
+  """State of :func:`dst`: latent weights, thresholds, masks and the optimizers' states."""
   step: jax.Array  # optimizer steps taken so far (int32)
-  weights: Any  # latent dense W per masked leaf, None for dense leaves
+  weights: Any  # latent dense W per masked leaf (float32 or wider), None for dense leaves
   thresholds: Any  # one threshold per output unit of each masked leaf, None for dense
   masks: Any  # 1[|W| − t > 0] per masked leaf, None for dense leaves
-  inner_state: optax.OptState  # of the inner optimizer over (weights, thresholds)
+  inner_state: optax.OptState  # of the inner optimizer, over a params-shaped tree
+  threshold_state: optax.OptState  # of the threshold optimizer
+  nonfinite_updates: jax.Array  # steps whose masks were kept for a non-finite gradient
 
 
 def long_tailed_estimator(x: jax.Array) -> jax.Array:
@@ -63,19 +65,54 @@ def threshold_grad(g: jax.Array, w: jax.Array, t: jax.Array, alpha: float) -> ja
   return -jnp.sum(g * w * h, axis=tuple(range(w.ndim - 1))) - alpha * jnp.exp(-t)
 
 
+def _latent_dtype(dtype: Any) -> Any:
+  """float32, or the param's own dtype when it is wider."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _params_shaped(tree: Any, params: Any) -> Any:
+  """``tree`` (None for dense leaves) with the dense leaves taken from ``params``."""
+  return jax.tree.map(lambda x, p: p if x is None else x, tree, params, is_leaf=is_unmasked)
+
+
+def _with_placeholders(thresholds: Any) -> Any:
+  """The thresholds with an empty float32 array for every dense leaf.
+
+  This tree has the params' structure, so label and mask trees written for the
+  params (``optax.multi_transform``, ``optax.masked``, ``adamw(mask=...)``) apply to
+  it: a kernel's thresholds get the kernel's label.
+  """
+  return jax.tree.map(lambda t: jnp.zeros((0,), jnp.float32) if t is None else t, thresholds,
+                      is_leaf=is_unmasked)
+
+
 def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
         recovery_density: float = 0.01,
-        dense: DensePredicate = keep_small_leaves_dense) -> optax.GradientTransformationExtraArgs:
+        dense: DensePredicate = keep_small_leaves_dense,
+        threshold_optimizer: optax.GradientTransformation | None = None
+        ) -> optax.GradientTransformationExtraArgs:
   """Dynamic Sparse Training with trainable masked layers.
 
   Thresholds start at 0, so the model starts dense; the regulariser
   ``alpha · Σ exp(−t)`` pushes them up (larger alpha → sparser).
 
+  The inner optimizer updates a params-shaped tree (latent weights for masked
+  leaves, the params for dense ones), so label and mask trees written for the params
+  work. The thresholds are updated by ``threshold_optimizer`` (by default a second
+  instance of ``inner``, with its own state) on a tree of the params' structure whose
+  masked leaves are the threshold vectors and dense leaves empty arrays: a kernel's
+  label or weight-decay flag applies to its thresholds, as in the official code,
+  where thresholds are parameters of the same optimizer. Pass e.g.
+  ``threshold_optimizer=optax.sgd(lr)`` to optimise them differently. Latent weights,
+  thresholds and their optimizer states are float32 (or wider) whatever the params'
+  dtype; params keep their dtype.
+
   Args:
-    inner: the optimizer updating latent weights and thresholds together.
+    inner: the optimizer of the latent weights and dense leaves.
     alpha: strength of the threshold regulariser (5e-4 for MNIST LeNets).
     recovery_density: a leaf at or below this density gets its thresholds reset to 0.
     dense: predicate ``(path, leaf) -> bool`` of leaves kept dense.
+    threshold_optimizer: the optimizer of the thresholds; None for ``inner``.
 
   Returns:
     An optax transformation with a :class:`DSTState`; ``update`` needs ``params``.
@@ -85,42 +122,55 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
   if not 0.0 <= recovery_density < 1.0:
     raise ValueError(f"recovery_density must be in [0, 1), got {recovery_density!r}")
   inner = optax.with_extra_args_support(inner)
+  threshold_tx = inner if threshold_optimizer is None else optax.with_extra_args_support(
+      threshold_optimizer)
 
   def init_fn(params):
     flags = masked_leaves(params, dense)
     # A copy, not the params' own buffers: a train step may donate params and state.
-    weights = jax.tree.map(lambda p, f: jnp.array(p, copy=True) if f else None, params, flags)
-    thresholds = jax.tree.map(lambda p, f: jnp.zeros(jnp.shape(p)[-1:], jnp.result_type(p))
+    weights = jax.tree.map(
+        lambda p, f: jnp.array(p, _latent_dtype(jnp.result_type(p)), copy=True) if f else None,
+        params, flags)
+    thresholds = jax.tree.map(lambda p, f: jnp.zeros(jnp.shape(p)[-1:], jnp.float32)
                               if f else None, params, flags)
-    merged = jax.tree.map(lambda w, p: p if w is None else w, weights, params, is_leaf=is_unmasked)
     return DSTState(step=jnp.zeros((), jnp.int32), weights=weights, thresholds=thresholds,
                     masks=threshold_masks(weights, thresholds),
-                    inner_state=inner.init((merged, thresholds)))
+                    inner_state=inner.init(_params_shaped(weights, params)),
+                    threshold_state=threshold_tx.init(_with_placeholders(thresholds)),
+                    nonfinite_updates=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     require_params(params)
-    weights = jax.tree.map(lambda w, p: p if w is None else w, state.weights, params,
-                           is_leaf=is_unmasked)
-    grad_w = jax.tree.map(lambda t, g, w, m: g if t is None else weight_grad(g, w, t, m),
-                          state.thresholds, updates, weights, state.masks, is_leaf=is_unmasked)
-    grad_t = map_masked(lambda t, g, w: threshold_grad(g, w, t, alpha),
+    weights = _params_shaped(state.weights, params)
+    grad_w = jax.tree.map(
+        lambda t, g, w, m: g if t is None else weight_grad(g.astype(w.dtype), w, t, m),
+        state.thresholds, updates, weights, state.masks, is_leaf=is_unmasked)
+    grad_t = map_masked(lambda t, g, w: threshold_grad(g.astype(w.dtype), w, t, alpha),
                         state.thresholds, updates, weights)
-    (upd_w, upd_t), inner_state = inner.update(
-        (grad_w, grad_t), state.inner_state, (weights, state.thresholds), **extra_args)
-    new_w, new_t = optax.apply_updates((weights, state.thresholds), (upd_w, upd_t))
-    new_t = map_masked(_recover, new_t, new_w)
-    new_masks = threshold_masks(new_w, new_t)
+    upd_w, inner_state = inner.update(grad_w, state.inner_state, weights, **extra_args)
+    upd_t, threshold_state = threshold_tx.update(
+        _with_placeholders(grad_t), state.threshold_state,
+        _with_placeholders(state.thresholds), **extra_args)
+    new_w = optax.apply_updates(weights, upd_w)
+    new_t = map_masked(lambda t, u, w: _recover(optax.apply_updates(t, u), w),
+                       state.thresholds, upd_t, new_w)
+    # A non-finite gradient never changes the masks (the weights follow the optimizer).
+    finite = all_finite(updates, state.masks)
+    new_masks = map_masked(lambda new, old: jnp.where(finite, new, old),
+                           threshold_masks(new_w, new_t), state.masks)
 
     def param_update(m_old, m_new, u, w, p):
       if m_new is None:
         return u
-      # Active before and after: p + u equals the latent W + u exactly; otherwise jump.
-      return jnp.where(m_old & m_new, u, jnp.where(m_new, w, 0.0) - p).astype(u.dtype)
+      # Active before and after: p + u equals the latent W + u; otherwise jump.
+      return jnp.where(m_old & m_new, u, jnp.where(m_new, w, 0.0) - p).astype(p.dtype)
 
     out = jax.tree.map(param_update, state.masks, new_masks, upd_w, new_w, params,
                        is_leaf=is_unmasked)
     latent = map_masked(lambda t, w: w, new_t, new_w)
-    return out, DSTState(state.step + 1, latent, new_t, new_masks, inner_state)
+    nonfinite = state.nonfinite_updates + (~finite).astype(jnp.int32)
+    return out, DSTState(optax.safe_increment(state.step), latent, new_t, new_masks,
+                         inner_state, threshold_state, nonfinite)
 
   def _recover(t, w):
     density = jnp.mean(jnp.abs(w) - t > 0)

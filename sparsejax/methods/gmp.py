@@ -28,8 +28,10 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
         seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Prunes the smallest-magnitude active weights every ``update_every`` steps.
 
-  Layer l's sparsity follows s_t = s_l + (s_i − s_l)(1 − (t − start)/(end − start))³,
-  with s_l its final sparsity from ``distribution``; pruned weights never return.
+  Layer l's sparsity follows s_t = s_l + (s_il − s_l)(1 − (t − start)/(end − start))³,
+  with s_l its final sparsity from ``distribution`` and s_il = min(s_i, s_l) (a layer
+  never starts sparser than it ends); pruned weights never return, and every layer
+  ends with exactly its distribution's non-zero count.
   Pruning happens at ``start_step`` (if ≥ 1), every ``update_every`` steps after it
   and at ``end_step``, by the magnitudes before that step's weight update (which
   then trains the remaining weights).
@@ -38,7 +40,7 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
     inner: the optimizer to wrap.
     sparsity: final global sparsity in [0, 1).
     end_step: step at which the final sparsity is reached.
-    initial_sparsity: sparsity s_i at ``start_step``.
+    initial_sparsity: sparsity s_i at ``start_step``, at most ``sparsity``.
     start_step: first pruning step (t₀).
     update_every: steps between pruning steps (ΔT).
     distribution: "uniform", "er", "erk" or a mapping from path to sparsity.
@@ -51,6 +53,9 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
   distributions.check_sparsity(sparsity)
   distributions.check_sparsity(initial_sparsity, "initial_sparsity")
   distributions.check_distribution(distribution)
+  if initial_sparsity > sparsity:
+    raise ValueError(f"initial_sparsity ({initial_sparsity}) must not exceed sparsity "
+                     f"({sparsity})")
   periodic = schedules.update_steps(update_every, start_step, end_step)
   remaining = schedules.cubic_sparsity(0.0, 1.0, start_step, end_step)  # (1 − progress)³
 
@@ -70,7 +75,7 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
 
   def update_masks(inputs: ScoreInputs):
     def prune(mask, final_nnz, param):
-      initial_nnz = round((1.0 - initial_sparsity) * mask.size)
+      initial_nnz = jnp.maximum(round((1.0 - initial_sparsity) * mask.size), final_nnz)
       nnz = final_nnz + jnp.round((initial_nnz - final_nnz) * remaining(inputs.step))
       nnz = jnp.minimum(nnz.astype(jnp.int32), mask.sum(dtype=jnp.int32))
       return top_k_mask(jnp.abs(param), nnz, eligible=mask)

@@ -14,14 +14,18 @@ from sparsejax.methods.drop_grow import drop_grow_method
 def rigl(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
          distribution: str | Mapping[str, float] = "erk", update_every: int = 100,
          start_step: int = 0, drop_fraction: float | optax.Schedule = 0.3,
-         dense: DensePredicate = keep_small_leaves_dense,
-         seed: int = 0) -> optax.GradientTransformationExtraArgs:
+         dense: DensePredicate = keep_small_leaves_dense, seed: int = 0,
+         train_at_update: bool = False) -> optax.GradientTransformationExtraArgs:
   """Rigged Lottery: every ``update_every`` steps, swap the weakest active weights
   for the inactive ones with the largest dense gradient.
 
   A mask-update step drops by the current weights' magnitude and grows by that
-  step's dense gradient (Algorithm 1's scores); grown weights end the step at
-  exactly 0 with a fresh inner-optimizer state, kept weights are trained as usual.
+  step's dense gradient among all weights not kept (Algorithm 1's scores, and the
+  candidates and truncated swap count of google-research/rigl's ``_get_update_op``).
+  Grown weights start at exactly 0 with a fresh inner-optimizer state; a weight
+  dropped and regrown in the same update keeps its value and state. As in
+  Algorithm 1 and the official code, the optimizer step is skipped at an update
+  step unless ``train_at_update``.
 
   Args:
     inner: the optimizer to wrap.
@@ -33,6 +37,8 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
     drop_fraction: initial drop fraction, cosine-decayed to 0, or a schedule.
     dense: predicate ``(path, leaf) -> bool`` of leaves kept dense.
     seed: seed of the initial masks.
+    train_at_update: also apply the optimizer step to the weights active before
+      and after a mask update, at that step.
 
   Returns:
     An optax transformation.
@@ -40,4 +46,4 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
   return drop_grow_method(
       inner, scores.gradient_magnitude, sparsity=sparsity, distribution=distribution,
       update_every=update_every, start_step=start_step, end_step=end_step,
-      drop_fraction=drop_fraction, dense=dense, seed=seed)
+      drop_fraction=drop_fraction, dense=dense, seed=seed, train_at_update=train_at_update)

@@ -14,9 +14,14 @@ from sparsejax.methods.drop_grow import drop_grow_method
 def set(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,  # noqa: A001
         distribution: str | Mapping[str, float] = "erk", update_every: int = 100,
         start_step: int = 0, drop_fraction: float | optax.Schedule = 0.3,
-        dense: DensePredicate = keep_small_leaves_dense,
-        seed: int = 0) -> optax.GradientTransformationExtraArgs:
+        dense: DensePredicate = keep_small_leaves_dense, seed: int = 0,
+        train_at_update: bool = False) -> optax.GradientTransformationExtraArgs:
   """Sparse Evolutionary Training: swap the weakest active weights for random ones.
+
+  The update of :func:`sparsejax.rigl` with a uniformly random grow score over all
+  weights not kept. google-research/rigl's SET applies the optimizer step before
+  the mask update; like jaxpruner we use RigL's order (the step is skipped at an
+  update step unless ``train_at_update``).
 
   Args:
     inner: the optimizer to wrap.
@@ -28,6 +33,8 @@ def set(inner: optax.GradientTransformation, *, sparsity: float, end_step: int, 
     drop_fraction: initial drop fraction, cosine-decayed to 0, or a schedule.
     dense: predicate ``(path, leaf) -> bool`` of leaves kept dense.
     seed: seed of the initial masks and of the random growth.
+    train_at_update: also apply the optimizer step to the weights active before
+      and after a mask update, at that step.
 
   Returns:
     An optax transformation.
@@ -35,4 +42,4 @@ def set(inner: optax.GradientTransformation, *, sparsity: float, end_step: int, 
   return drop_grow_method(
       inner, scores.random_uniform, sparsity=sparsity, distribution=distribution,
       update_every=update_every, start_step=start_step, end_step=end_step,
-      drop_fraction=drop_fraction, dense=dense, seed=seed)
+      drop_fraction=drop_fraction, dense=dense, seed=seed, train_at_update=train_at_update)
