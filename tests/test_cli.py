@@ -177,6 +177,12 @@ def _writing_checkpoint(run: Path) -> bool:
   return directory.exists() and any("tmp" in p.name for p in directory.iterdir())
 
 
+def _unfinished_checkpoints(run: Path) -> list[str]:
+  """The temporary directories of checkpoints orbax had not finished (renamed) yet."""
+  names = [p.name for p in (run / "checkpoints").iterdir()]
+  return sorted(name for name in names if "tmp" in name and name.split(".")[0] not in names)
+
+
 def test_sigkill_and_restart_ends_bit_identical(data_dir, tmp_path):
   """Killed twice (once while a checkpoint is being written), restarted with the same command."""
   reference, killed = tmp_path / "reference", tmp_path / "killed"
@@ -184,17 +190,27 @@ def test_sigkill_and_restart_ends_bit_identical(data_dir, tmp_path):
   assert run_cli(*args, f"--workdir={reference}", data_dir=data_dir).returncode == 0
 
   command = cli_command(*args, f"--workdir={killed}")
-  kills = []
-  for ready in (lambda: _rows(killed) >= 8 and _writing_checkpoint(killed),
-                lambda: _rows(killed) >= 27):
+
+  def kill_when(ready) -> bool:
     process = subprocess.Popen(command, cwd=ROOT, env=cli_env(data_dir),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kills.append(_kill_when(process, ready))
-  assert kills[1], "the second run ended before it could be killed"
+    return _kill_when(process, ready)
+
+  # A checkpoint write takes ~0.2 s here and the poll ~1 ms, so the kill lands inside it and
+  # leaves its temporary directory on disk, next to the older, complete checkpoints.
+  assert kill_when(lambda: _rows(killed) >= 8 and _writing_checkpoint(killed)), (
+      "the first run ended before it could be killed")
+  listing = sorted(p.name for p in (killed / "checkpoints").iterdir())
+  unfinished = _unfinished_checkpoints(killed)
+  assert unfinished, f"the first kill did not happen while a checkpoint was written: {listing}"
+  done = [int(name) for name in listing if name.isdigit()]
+  assert done and max(done) < min(int(name.split(".")[0]) for name in unfinished), listing
+  assert kill_when(lambda: _rows(killed) >= 27), "the second run ended before it could be killed"
   assert not (killed / "summary.json").exists()
   final = subprocess.run(command, cwd=ROOT, env=cli_env(data_dir), capture_output=True,
                          text=True, timeout=300, check=False)
   assert final.returncode == 0, final.stderr
+  assert not _writing_checkpoint(killed), "the unfinished checkpoints were not cleaned up"
 
   assert (reference / "metrics.jsonl").read_bytes() == (killed / "metrics.jsonl").read_bytes()
   for a, b in zip(_final_params(reference), _final_params(killed), strict=True):

@@ -262,7 +262,11 @@ def test_workdir_of_another_config_is_refused_untouched(data, tmp_path):
 
 
 def _params_equal(a, b):
-  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  """Whether pytrees ``a`` and ``b`` have the same structure and leaves of equal dtype and value."""
+  if jax.tree.structure(a) != jax.tree.structure(b):
+    return False
+  return all(np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 @pytest.mark.parametrize("method", ["set", "dst"])
