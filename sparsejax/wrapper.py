@@ -161,4 +161,5 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
     return (_masked_updates(inner_updates, trained, params),
             SparseState(step, key, masks, inner_state, extra, nonfinite))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # Jitted: an eager init dispatches (and compiles) dozens of small ops per leaf.
+  return optax.GradientTransformationExtraArgs(jax.jit(init_fn), update_fn)

@@ -62,7 +62,7 @@ def assert_exactly_sparse(params, masks):
 
 
 def nnz_per_leaf(masks):
-  return [None if m is None else int(jnp.sum(m)) for m in mask_leaves(masks)]
+  return [None if m is None else int(np.sum(m)) for m in mask_leaves(masks)]
 
 
 def pytest_configure(config):

@@ -152,19 +152,71 @@ def test_recovery_resets_thresholds_of_a_collapsed_layer(mlp):
     np.testing.assert_array_equal(new_params[name]["kernel"], state.weights[name]["kernel"])
 
 
+def _run_dst(tx, params, loss, jit, steps=3):
+  p, state = params, tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  for i in range(steps):
+    u, state = update(jax.grad(loss)(p, make_batch(i)), state, p)
+    p = optax.apply_updates(p, u)
+  return p, state
+
+
 def test_jit_and_eager_agree_and_weight_decay_reaches_thresholds(mlp):
   params, loss = mlp
   tx = sj.dst(optax.adamw(0.05, weight_decay=0.1), alpha=0.05)
-  results = []
-  for jit in (False, True):
-    p, state = params, tx.init(params)
-    update = jax.jit(tx.update) if jit else tx.update
-    for i in range(3):
-      u, state = update(jax.grad(loss)(p, make_batch(i)), state, p)
-      p = optax.apply_updates(p, u)
-    results.append((p, state))
-  chex.assert_trees_all_close(results[0][0], results[1][0], atol=1e-6)
-  chex.assert_trees_all_equal(sj.masks(results[0][1]), sj.masks(results[1][1]))
+  (p_eager, s_eager), (p_jit, s_jit) = (_run_dst(tx, params, loss, jit) for jit in (False, True))
+  chex.assert_trees_all_close(p_eager, p_jit, atol=1e-6)
+  chex.assert_trees_all_equal(sj.masks(s_eager), sj.masks(s_jit))
+  chex.assert_trees_all_close(sj.thresholds(s_eager), sj.thresholds(s_jit), atol=1e-6)
+  decayed = sj.thresholds(s_jit)
+  # Without weight decay the thresholds end elsewhere: adamw's decay reached them ...
+  _, plain = _run_dst(sj.dst(optax.adamw(0.05, weight_decay=0.0), alpha=0.05), params, loss,
+                      jit=True)
+  for a, b in zip(jax.tree.leaves(decayed), jax.tree.leaves(sj.thresholds(plain)), strict=True):
+    assert not np.allclose(a, b, rtol=0, atol=1e-7)
+  # ... and `threshold_optimizer` alone moves the thresholds (here: not at all).
+  p_frozen, frozen = _run_dst(sj.dst(optax.adamw(0.05, weight_decay=0.1), alpha=0.05,
+                                     threshold_optimizer=optax.sgd(0.0)), params, loss, jit=True)
+  for t in jax.tree.leaves(sj.thresholds(frozen)):
+    np.testing.assert_array_equal(t, 0.0)
+  assert not np.allclose(p_frozen["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+
+
+def test_thresholds_follow_the_label_of_their_kernel(mlp):
+  params, loss = mlp
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: "first" if path[0].key == "Dense_0" else "rest", params)
+  tx = sj.dst(optax.multi_transform({"first": optax.sgd(0.0), "rest": optax.sgd(0.5)}, labels),
+              alpha=0.1)
+  _, state = _run_dst(tx, params, loss, jit=True)
+  thresholds = sj.thresholds(state)
+  np.testing.assert_array_equal(thresholds["Dense_0"]["kernel"], 0.0)  # learning rate 0
+  assert float(jnp.abs(thresholds["Dense_1"]["kernel"]).max()) > 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_params_keep_float32_thresholds_and_latent_weights(mlp, dtype):
+  """Under the regulariser alone (zero gradients) thresholds move as in float32."""
+  params, _ = mlp
+  tx = sj.dst(optax.sgd(0.05), alpha=5e-4)
+
+  @jax.jit
+  def thresholds_after(params):
+    def body(_, carry):
+      p, state = carry
+      updates, state = tx.update(jax.tree.map(jnp.zeros_like, p), state, p)
+      return optax.apply_updates(p, updates), state
+    p, state = jax.lax.fori_loop(0, 800, body, (params, tx.init(params)))
+    return p, state
+
+  low = jax.tree.map(lambda p: p.astype(dtype), params)
+  p_low, s_low = thresholds_after(low)
+  _, s_32 = thresholds_after(params)
+  t_low = sj.thresholds(s_low)["Dense_0"]["kernel"]
+  np.testing.assert_allclose(t_low, sj.thresholds(s_32)["Dense_0"]["kernel"], rtol=1e-6)
+  np.testing.assert_allclose(t_low, 800 * 0.05 * 5e-4 * np.exp(-t_low / 2), rtol=0.02)
+  assert t_low.dtype == jnp.float32 and s_low.weights["Dense_0"]["kernel"].dtype == jnp.float32
+  assert all(p.dtype == dtype for p in jax.tree.leaves(p_low))
 
 
 class Conv(nn.Module):

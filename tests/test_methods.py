@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import sparsejax as sj
+from sparsejax.masks import nnz_targets
 from sparsejax.schedules import cosine_drop_fraction, update_steps
 from sparsejax.wrapper import apply_masks
 
@@ -87,7 +88,8 @@ def test_rigl_update_matches_the_official_rule(mlp, train_at_update):
     np.testing.assert_array_equal(after_w[~new], 0.0)
     np.testing.assert_array_equal(after_w[grown], 0.0)
     bias_step = 0.1 * np.asarray(grads[name]["bias"]) if train_at_update else 0.0
-    np.testing.assert_allclose(new_p[name]["bias"], p[name]["bias"] - bias_step, rtol=1e-6)
+    np.testing.assert_allclose(new_p[name]["bias"], p[name]["bias"] - bias_step, rtol=1e-6,
+                               atol=1e-9)
 
 
 def buffers(state):
@@ -128,7 +130,7 @@ def test_grown_weights_start_at_zero_with_fresh_optimizer_state(mlp, inner, trai
         continue
       e_leaf, n_leaf = np.asarray(e_leaf), np.asarray(n_leaf)
       np.testing.assert_array_equal(n_leaf[g], 0.0)  # grown: the initial state (zeros)
-      np.testing.assert_allclose(n_leaf[~g], e_leaf[~g], rtol=1e-6)
+      np.testing.assert_allclose(n_leaf[~g], e_leaf[~g], rtol=1e-6, atol=1e-9)
   # The buffers of active weights were non-zero before: the reset is observable.
   assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(buffers(before.inner_state)))
   # Grown weights are exactly 0 in params after the update.
@@ -275,3 +277,21 @@ def test_a_weight_dropped_and_regrown_keeps_its_value_and_state(mlp):
     np.testing.assert_array_equal(np.asarray(new_trace[i])[grown], 0.0)
   assert regrown_total > 0
   assert_exactly_sparse(new_p, sj.masks(after))
+
+
+def test_gmp_layers_start_at_their_own_density_and_end_at_their_count(mlp):
+  """ERK gives some layers more than the initial density: they never drop below their
+  final count (initial sparsity 0.3, ERK 0.6: Dense_2 keeps its 45 of 48 weights)."""
+  params, loss = mlp
+  tx = sj.gmp(optax.sgd(0.1), sparsity=0.6, initial_sparsity=0.3, start_step=1, end_step=7,
+              update_every=2, distribution="erk")
+  final = mask_leaves(nnz_targets(params, 0.6, "erk"))
+  sizes = [None if n is None else p.size for n, p in zip(final, jax.tree.leaves(params))]
+  for t, _, _, _, after, _ in run(tx, params, loss, 8):
+    nnz = nnz_per_leaf(sj.masks(after))
+    assert all(n is None or n >= f for n, f in zip(nnz, final, strict=True))
+    if t == 1:
+      assert nnz == [None if s is None else max(round(0.7 * s), f)
+                     for s, f in zip(sizes, final, strict=True)]
+  assert nnz == final
+  assert any(f is not None and f > round(0.7 * s) for s, f in zip(sizes, final, strict=True))

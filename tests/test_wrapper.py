@@ -165,6 +165,8 @@ def test_update_without_params_is_a_clear_error(mlp):
      r"end_step \(10\) must be greater than start_step \(10\)"),
     (lambda: sj.gmp(optax.sgd(1), sparsity=0.5, end_step=0), "end_step"),
     (lambda: sj.rigl(optax.sgd(1), sparsity=0.5, end_step=10, update_every=0), "update_every"),
+    (lambda: sj.gmp(optax.sgd(1), sparsity=0.5, initial_sparsity=0.6, end_step=10),
+     r"initial_sparsity \(0.6\) must not exceed sparsity \(0.5\)"),
 ])
 def test_bad_arguments_fail_at_construction_with_one_line(build, match):
   with pytest.raises(ValueError, match=match) as info:
@@ -194,3 +196,93 @@ def test_dense_predicate_and_mapping_by_path(mlp):
 def test_path_names():
   tree = {"params": {"Dense_0": {"kernel": jnp.ones((2, 2))}}, "list": [jnp.ones(3)]}
   assert leaf_names(tree) == ["list/0", "params/Dense_0/kernel"]
+
+
+def test_integer_and_empty_leaves_stay_dense_and_masked_1d_leaves_work():
+  params = {"table": jnp.arange(16, dtype=jnp.int32).reshape(4, 4),
+            "empty": jnp.zeros((0, 8)), "w": jnp.ones((8, 8)), "b": jnp.ones(8)}
+  grads = {**jax.tree.map(jnp.ones_like, params), "table": jnp.zeros((4, 4), jnp.int32)}
+  for tx in (sj.static_sparse(optax.sgd(0.1), sparsity=0.5),
+             sj.rigl(optax.sgd(0.1), sparsity=0.5, update_every=1, end_step=5)):
+    state = tx.init(params)
+    masks = sj.masks(state)
+    assert masks["table"] is None and masks["empty"] is None and masks["b"] is None
+    updates, state = tx.update(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(new["table"], params["table"])  # not zeroed
+    assert int(jnp.sum(sj.masks(state)["w"])) == 32
+  # A user may mask 1-D and empty leaves: ER/ERK count them, summary never divides by 0.
+  everything = lambda path, leaf: not jnp.issubdtype(leaf.dtype, jnp.floating)  # noqa: E731
+  for distribution in ("er", "erk"):
+    state = sj.static_sparse(optax.sgd(0.1), sparsity=0.5, distribution=distribution,
+                             dense=everything).init(params)
+    summary = sj.summary(state)
+    assert summary["layers"]["empty"] == {"nnz": 0, "size": 0, "sparsity": 0.0}
+    assert summary["nnz"] == 36 and set(summary["layers"]) == {"empty", "w", "b"}
+
+
+def test_summary_with_params_reports_weights_the_masks_do_not_explain(mlp):
+  params, loss = mlp
+  # Wrong: a transformation after the method rescales its `-p` updates of masked weights.
+  wrong = optax.chain(sj.rigl(optax.adam(1e-2), sparsity=0.8, end_step=10), optax.scale(0.5))
+  right = sj.rigl(optax.chain(optax.adam(1e-2), optax.scale(0.5)), sparsity=0.8, end_step=10)
+  for tx, violations in ((wrong, ["Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"]),
+                         (right, [])):
+    state = tx.init(params)
+    p, s = make_step(tx, loss)(params, state, make_batch(0))[:2]
+    summary = sj.summary(s, p)
+    assert summary["violations"] == violations
+    layer = summary["layers"]["Dense_0/kernel"]
+    assert layer["nonzero"] - layer["nonzero_masked"] <= layer["nnz"]
+    assert (layer["nonzero_masked"] > 0) == bool(violations)
+
+
+@pytest.mark.parametrize("inner", [optax.sgd(0.1), optax.apply_if_finite(optax.sgd(0.1), 5)],
+                         ids=["sgd", "apply_if_finite"])
+def test_a_non_finite_gradient_never_changes_the_masks(mlp, inner):
+  params, loss = mlp
+  tx = sj.rigl(inner, sparsity=0.7, update_every=1, end_step=10)
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  grads["Dense_0"]["kernel"] = grads["Dense_0"]["kernel"].at[3].set(jnp.nan)  # a NaN row
+  updates, new_state = jax.jit(tx.update)(grads, state, params)
+  chex.assert_trees_all_equal(sj.masks(new_state), sj.masks(state))
+  assert int(new_state.nonfinite_updates) == 1
+  finite = jax.grad(loss)(params)
+  _, after = jax.jit(tx.update)(finite, new_state, params)
+  assert int(after.nonfinite_updates) == 1
+  assert not np.array_equal(sj.masks(after)["Dense_0"]["kernel"],
+                            sj.masks(state)["Dense_0"]["kernel"])
+  new = optax.apply_updates(params, updates)
+  assert_exactly_sparse(new, sj.masks(new_state))
+
+
+def test_bf16_params_stay_bf16_and_exactly_sparse(mlp):
+  params, loss = mlp
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  tx = sj.rigl(optax.adam(1e-2), sparsity=0.8, update_every=2, end_step=8)
+  state = tx.init(params)
+  targets = nnz_per_leaf(sj.masks(state))
+  step = make_step(tx, lambda p, b: loss(jax.tree.map(lambda x: x.astype(jnp.float32), p), b))
+  for i in range(6):
+    params, state, _ = step(params, state, make_batch(i))
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
+    assert_exactly_sparse(params, sj.masks(state))
+    assert nnz_per_leaf(sj.masks(state)) == targets
+
+
+def test_multisteps_outside_counts_real_updates(mlp):
+  params, loss = mlp
+  tx = optax.MultiSteps(sj.rigl(optax.adam(1e-2), sparsity=0.8, update_every=2, end_step=10),
+                        every_k_schedule=3)
+  state = tx.init(params)
+  step = make_step(tx, loss)
+  initial = sj.masks(state)
+  for i in range(12):  # 12 micro-batches: 4 real updates, masks change at the 2nd and 4th
+    params, state, _ = step(params, state, make_batch(i))
+    # Params are dense until the first real update applies the initial masks.
+    assert (sj.summary(state, params)["violations"] == []) == (i >= 2)
+    if i == 4:  # after 5 micro-batches: one real update, no mask change yet
+      chex.assert_trees_all_equal(sj.masks(state), initial)
+  assert int(optax.tree_utils.tree_get(state, "step")) == 4
+  assert not np.array_equal(sj.masks(state)["Dense_0"]["kernel"], initial["Dense_0"]["kernel"])

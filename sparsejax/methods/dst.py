@@ -76,13 +76,14 @@ def _params_shaped(tree: Any, params: Any) -> Any:
 
 
 def _with_placeholders(thresholds: Any) -> Any:
-  """The thresholds with an empty float32 array for every dense leaf.
+  """The thresholds with a placeholder ``zeros((1,))`` for every dense leaf.
 
   This tree has the params' structure, so label and mask trees written for the
   params (``optax.multi_transform``, ``optax.masked``, ``adamw(mask=...)``) apply to
-  it: a kernel's thresholds get the kernel's label.
+  it: a kernel's thresholds get the kernel's label. (Not an empty array: orbax cannot
+  checkpoint those.) A placeholder's gradient is 0, and it is never read.
   """
-  return jax.tree.map(lambda t: jnp.zeros((0,), jnp.float32) if t is None else t, thresholds,
+  return jax.tree.map(lambda t: jnp.zeros((1,), jnp.float32) if t is None else t, thresholds,
                       is_leaf=is_unmasked)
 
 
@@ -100,7 +101,7 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
   leaves, the params for dense ones), so label and mask trees written for the params
   work. The thresholds are updated by ``threshold_optimizer`` (by default a second
   instance of ``inner``, with its own state) on a tree of the params' structure whose
-  masked leaves are the threshold vectors and dense leaves empty arrays: a kernel's
+  masked leaves are the threshold vectors (dense leaves get placeholders): a kernel's
   label or weight-decay flag applies to its thresholds, as in the official code,
   where thresholds are parameters of the same optimizer. Pass e.g.
   ``threshold_optimizer=optax.sgd(lr)`` to optimise them differently. Latent weights,
@@ -176,7 +177,8 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
     density = jnp.mean(jnp.abs(w) - t > 0)
     return jnp.where(density <= recovery_density, jnp.zeros_like(t), t)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # Jitted: an eager init dispatches (and compiles) dozens of small ops per leaf.
+  return optax.GradientTransformationExtraArgs(jax.jit(init_fn), update_fn)
 
 
 def thresholds(opt_state: optax.OptState) -> Any:
