@@ -4,7 +4,6 @@ and on a step without a mask change the inner optimizer's own update."""
 from conftest import assert_exactly_sparse, mask_leaves, nnz_per_leaf
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
