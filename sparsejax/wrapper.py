@@ -137,26 +137,22 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
     finite = all_finite(updates, state.masks)
     rewiring = is_update & finite
     nonfinite = state.nonfinite_updates + (is_update & ~finite).astype(jnp.int32)
+    # Only masks, key, method state and the inner state cross the cond; the weights'
+    # update stays outside it, fused with the rest of the step.
+    masks, key, extra, inner_state = jax.lax.cond(
+        rewiring, rewire, keep, state.key, state.extra, state.inner_state)
     if topology.train_at_update:
-      # Only masks, key, method state and the inner state cross the cond; the weights'
-      # update stays outside it, fused with the rest of the step.
-      masks, key, extra, inner_state = jax.lax.cond(
-          rewiring, rewire, keep, state.key, state.extra, state.inner_state)
       trained = map_masked(jnp.logical_and, masks, state.masks)
       inner_updates, inner_state = train(trained, inner_state)
     else:
-      def rewire_only(key, extra, inner_state):
-        masks, key, extra, inner_state = rewire(key, extra, inner_state)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), skipped_shape)
-        return masks, key, extra, zeros, inner_state
-
-      def keep_and_train(key, extra, inner_state):
-        return (state.masks, key, extra) + tuple(train(state.masks, inner_state))
-
-      skipped_shape = jax.eval_shape(train, state.masks, state.inner_state)[0]
-      masks, key, extra, inner_updates, inner_state = jax.lax.cond(
-          rewiring, rewire_only, keep_and_train, state.key, state.extra, state.inner_state)
+      # At a mask update the step is skipped: zero updates and the (reset) state. The
+      # selects fuse into the optimizer's own elementwise update.
       trained = masks
+      stepped_updates, stepped_state = train(state.masks, inner_state)
+      inner_updates = jax.tree.map(lambda u: jnp.where(rewiring, jnp.zeros_like(u), u),
+                                   stepped_updates)
+      inner_state = jax.tree.map(lambda old, new: jnp.where(rewiring, old, new),
+                                 inner_state, stepped_state)
     # Dropped weights become exactly 0; grown ones were masked, hence 0 already.
     return (_masked_updates(inner_updates, trained, params),
             SparseState(step, key, masks, inner_state, extra, nonfinite))

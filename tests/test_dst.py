@@ -287,3 +287,18 @@ def test_state_does_not_alias_params_so_both_can_be_donated(mlp):
   for _ in range(2):
     params, state = step(params, state)
   assert sj.summary(state)["size"] == 320 + 192 + 48
+
+
+def test_a_non_finite_gradient_never_changes_the_masks(mlp):
+  params, loss = mlp
+  tx = sj.dst(optax.apply_if_finite(optax.sgd(1.0), 5), alpha=0.2)
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  bad = {**grads, "Dense_1": {**grads["Dense_1"],
+                              "kernel": grads["Dense_1"]["kernel"].at[0, 0].set(jnp.inf)}}
+  updates, after = jax.jit(tx.update)(bad, state, params)
+  chex.assert_trees_all_equal(sj.masks(after), sj.masks(state))
+  assert int(after.nonfinite_updates) == 1
+  assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
+  _, good = jax.jit(tx.update)(grads, state, params)
+  assert sj.summary(good)["sparsity"] > 0  # the same step with a finite gradient prunes
