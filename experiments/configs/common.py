@@ -50,7 +50,7 @@ def sparse_config(method: str, *, sparsity: float = 0.9, distribution: str = "er
                                       "distribution": distribution, "seed": 0})
   if method in ("set", "rigl"):
     sparse.update(update_every=update_every, start_step=0, end_step=-1,
-                  drop_fraction=drop_fraction)
+                  drop_fraction=drop_fraction, train_at_update=False)
   elif method == "gmp":
     sparse.update(distribution="uniform", initial_sparsity=0.0, update_every=update_every,
                   start_step=0, end_step=-1)
