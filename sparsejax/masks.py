@@ -47,7 +47,8 @@ def keep_small_leaves_dense(path: str, leaf: Any) -> bool:
           or math.prod(jnp.shape(leaf)) == 0)
 
 
-def _key_name(key: Any) -> str | None:
+def key_name(key: Any) -> str | None:
+  """One key-path entry as a string; None for flax.nnx's ``value`` boxes."""
   if isinstance(key, jax.tree_util.DictKey):
     return str(key.key)
   if isinstance(key, jax.tree_util.SequenceKey):
@@ -59,7 +60,7 @@ def _key_name(key: Any) -> str | None:
 
 def path_name(path: tuple[Any, ...]) -> str:
   """Joins a pytree key path into ``"Dense_0/kernel"`` form."""
-  return "/".join(name for name in map(_key_name, path) if name is not None)
+  return "/".join(name for name in map(key_name, path) if name is not None)
 
 
 def leaf_names(tree: Any) -> list[str]:

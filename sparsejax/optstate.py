@@ -20,22 +20,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax.masks import is_unmasked
+from sparsejax.masks import is_unmasked, key_name
 
 
-def _key(entry: Any) -> Any:
-  """A key-path entry as a plain value; None for flax.nnx's ``value`` boxes."""
-  if isinstance(entry, jax.tree_util.DictKey):
-    return entry.key
-  if isinstance(entry, jax.tree_util.SequenceKey):
-    return entry.idx
-  if isinstance(entry, jax.tree_util.GetAttrKey):
-    return None if entry.name == "value" else entry.name
-  return getattr(entry, "key", entry)
-
-
-def _plain_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
-  return tuple(k for k in map(_key, path) if k is not None)
+def _plain_path(path: tuple[Any, ...]) -> tuple[str, ...]:
+  return tuple(name for name in map(key_name, path) if name is not None)
 
 
 def param_of_state_leaves(state: optax.OptState, params: Any) -> list[int | None]:

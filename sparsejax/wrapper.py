@@ -149,10 +149,9 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
       # selects fuse into the optimizer's own elementwise update.
       trained = masks
       stepped_updates, stepped_state = train(state.masks, inner_state)
-      inner_updates = jax.tree.map(lambda u: jnp.where(rewiring, jnp.zeros_like(u), u),
-                                   stepped_updates)
-      inner_state = jax.tree.map(lambda old, new: jnp.where(rewiring, old, new),
-                                 inner_state, stepped_state)
+      inner_updates = optax.tree.where(rewiring, optax.tree.zeros_like(stepped_updates),
+                                       stepped_updates)
+      inner_state = optax.tree.where(rewiring, inner_state, stepped_state)
     # Dropped weights become exactly 0; grown ones were masked, hence 0 already.
     return (_masked_updates(inner_updates, trained, params),
             SparseState(step, key, masks, inner_state, extra, nonfinite))

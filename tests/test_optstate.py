@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sparsejax.masks import leaf_names
 from sparsejax.optstate import param_of_state_leaves, reset_entries
 
 PARAMS = {"a": {"kernel": jnp.ones((128, 128)), "bias": jnp.ones(128)},
@@ -13,12 +14,10 @@ PARAMS = {"a": {"kernel": jnp.ones((128, 128)), "bias": jnp.ones(128)},
 
 def owners_by_path(inner, params=PARAMS):
   state = inner.init(params)
-  names = ["/".join(map(str, (getattr(k, "key", None) or getattr(k, "name", None)
-                              or getattr(k, "idx", None) for k in path)))
-           for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
-  params_names = ["a/bias", "a/kernel", "b/bias", "b/kernel"]  # jax.tree.leaves order
+  params_names = leaf_names(params)
   return {name: None if owner is None else params_names[owner]
-          for name, owner in zip(names, param_of_state_leaves(state, params), strict=True)}
+          for name, owner in zip(leaf_names(state), param_of_state_leaves(state, params),
+                                 strict=True)}
 
 
 def test_same_shaped_layers_map_to_their_own_buffers():
