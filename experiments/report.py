@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 from absl import app, flags
 
 from experiments.cli import fail, flag_error_line
+import sparsejax
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -212,8 +213,9 @@ def run_info(run: Run) -> dict[str, Any]:
   if isinstance(model, Mapping):
     model = model.get("name")
   method = _config_value(config, "method", "sparse") or "unknown"
-  alpha = _config_value(config, "alpha", "sparse")
-  info = {"method": method, "variant": None if alpha is None else f"alpha={alpha:g}",
+  sparse = config.get("sparse")
+  info = {"method": method,
+          "variant": sparsejax.variant(sparse) if isinstance(sparse, Mapping) else None,
           "dataset": _config_value(config, "dataset", "data"), "model": model,
           "seed": _config_value(config, "seed", "train"),
           "target_sparsity": None if method == DENSE else _config_value(config, "sparsity",

@@ -1,31 +1,45 @@
 """sparsejax: sparse training for any Flax model through its optax chain."""
 
-from sparsejax.config import METHODS, from_config
+from sparsejax import schedules, scores
 from sparsejax.masks import keep_small_leaves_dense, masks, summary
-from sparsejax.methods.dst import dst, thresholds
+from sparsejax.methods.dst import DSTState, dst, thresholds
 from sparsejax.methods.gmp import gmp
 from sparsejax.methods.prune import prune
 from sparsejax.methods.rigl import rigl
 from sparsejax.methods.set import set  # noqa: A004
 from sparsejax.methods.static import static_sparse
+from sparsejax.metrics import coverage
+from sparsejax.registry import METHODS, from_config, method_config, register_method, variant
+from sparsejax.scores import ScoreInputs
+from sparsejax.topology import drop_and_grow, random_init
 from sparsejax.wrapper import SparseState, Topology, sparse_wrapper
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DSTState",
     "METHODS",
+    "ScoreInputs",
     "SparseState",
     "Topology",
+    "coverage",
+    "drop_and_grow",
     "dst",
     "from_config",
     "gmp",
     "keep_small_leaves_dense",
     "masks",
+    "method_config",
     "prune",
+    "random_init",
+    "register_method",
     "rigl",
+    "schedules",
+    "scores",
     "set",
     "sparse_wrapper",
     "static_sparse",
     "summary",
     "thresholds",
+    "variant",
 ]

@@ -62,24 +62,21 @@ def drop_and_grow_leaf(mask: jax.Array, drop_score: jax.Array, grow_score: jax.A
   return kept | grown
 
 
-def drop_and_grow(drop_score: ScoreFn, grow_score: ScoreFn, drop_fraction: optax.Schedule,
-                  update_extra=None):
+def drop_and_grow(drop_score: ScoreFn, grow_score: ScoreFn, drop_fraction: optax.Schedule):
   """``update_masks`` of the RigL family.
 
   Args:
     drop_score: score function, higher = keep (e.g. magnitude).
     grow_score: score function, higher = grow first (e.g. gradient magnitude).
     drop_fraction: schedule of the fraction of active weights swapped at a step.
-    update_extra: optional ``(inputs, new_masks) -> extra`` updating method state.
 
   Returns:
-    A function ``ScoreInputs -> (masks, extra)``.
+    A function ``ScoreInputs -> (masks, extra)`` (``extra`` passed through).
   """
   def update_masks(inputs: ScoreInputs):
     fraction = drop_fraction(inputs.step)
     masks = map_masked(lambda m, d, g: drop_and_grow_leaf(m, d, g, fraction),
                        inputs.masks, drop_score(inputs), grow_score(inputs))
-    extra = inputs.extra if update_extra is None else update_extra(inputs, masks)
-    return masks, extra
+    return masks, inputs.extra
 
   return update_masks

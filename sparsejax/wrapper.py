@@ -16,6 +16,12 @@ reset); with ``Topology.train_at_update`` the weights active under both masks al
 take this step's optimizer update. A mask update is skipped, keeping the old masks,
 when a masked leaf's gradient is not finite (``SparseState.nonfinite_updates`` counts
 these).
+
+The state also says what the step just taken did, for metrics that must not depend on
+a method's name: ``masks_changed``, ``dense_gradient`` (whether the step read the
+dense weight gradient: a RigL update step, never SET) and ``ever_active`` (the weights
+active at some step so far; None when masks never change). Read them with
+``optax.tree_utils.tree_get(state, "dense_gradient")``, or :func:`sparsejax.coverage`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ class SparseState(NamedTuple):
   inner_state: optax.OptState
   extra: Any  # method-specific state, e.g. activity counts; () when unused
   nonfinite_updates: jax.Array  # mask updates skipped for a non-finite gradient (int32)
+  masks_changed: jax.Array  # whether the step just taken changed a mask (bool)
+  dense_gradient: jax.Array  # whether it read the dense weight gradient (bool)
+  ever_active: Any  # masks | all earlier masks; None when masks never change
 
 
 class Topology(NamedTuple):
@@ -54,12 +63,16 @@ class Topology(NamedTuple):
     train_at_update: whether the weights active under both the old and the new
       masks take the optimizer step at a mask-update step (GMP); False skips the
       optimizer step there (the RigL family, as in RigL's Algorithm 1).
+    reads_dense_gradient: whether ``update_masks`` reads the dense gradient (RigL's
+      growth does, SET's and GMP's do not): such a step costs a dense weight
+      gradient in FLOPs accounting.
   """
   init_masks: Callable[[Any, jax.Array], Any]
   init_extra: Callable[[Any, Any], Any] = lambda params, masks: ()
   is_update_step: Callable[[jax.Array], jax.Array] | None = None
   update_masks: Callable[[ScoreInputs], tuple[Any, Any]] | None = None
   train_at_update: bool = True
+  reads_dense_gradient: bool = False
 
 
 def apply_masks(tree: Any, masks: Any) -> Any:
@@ -78,6 +91,12 @@ def all_finite(tree: Any, masks: Any) -> jax.Array:
   """Whether every masked leaf of ``tree`` is finite (a bool scalar)."""
   checks = jax.tree.leaves(map_masked(lambda _, x: jnp.isfinite(x).all(), masks, tree))
   return jnp.stack(checks).all() if checks else jnp.ones((), bool)
+
+
+def _any_leaf(masks: Any) -> jax.Array:
+  """Whether any masked leaf has a True entry (a bool scalar)."""
+  flags = jax.tree.leaves(map_masked(lambda m: m.any(), masks))
+  return jnp.stack(flags).any() if flags else jnp.zeros((), bool)
 
 
 def require_params(params: Any) -> None:
@@ -105,10 +124,13 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
   def init_fn(params):
     mask_key, key = jax.random.split(jax.random.PRNGKey(seed))
     masks = topology.init_masks(params, mask_key)
+    dynamic = topology.update_masks is not None
     return SparseState(step=jnp.zeros((), jnp.int32), key=key, masks=masks,
                        inner_state=inner.init(params),
                        extra=topology.init_extra(params, masks),
-                       nonfinite_updates=jnp.zeros((), jnp.int32))
+                       nonfinite_updates=jnp.zeros((), jnp.int32),
+                       masks_changed=jnp.zeros((), bool), dense_gradient=jnp.zeros((), bool),
+                       ever_active=jax.tree.map(jnp.copy, masks) if dynamic else None)
 
   def update_fn(updates, state, params=None, **extra_args):
     require_params(params)
@@ -128,10 +150,12 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
       masks, extra = topology.update_masks(
           ScoreInputs(params, updates, state.masks, score_key, step, extra))
       grown = map_masked(lambda new, old: new & ~old, masks, state.masks)
-      return masks, key, extra, reset_entries(inner, inner_state, params, grown)
+      ever = map_masked(jnp.logical_or, masks, state.ever_active)
+      changed = _any_leaf(map_masked(jnp.not_equal, masks, state.masks))
+      return masks, key, extra, reset_entries(inner, inner_state, params, grown), ever, changed
 
     def keep(key, extra, inner_state):
-      return state.masks, key, extra, inner_state
+      return state.masks, key, extra, inner_state, state.ever_active, jnp.zeros((), bool)
 
     is_update = topology.is_update_step(step)
     finite = all_finite(updates, state.masks)
@@ -139,7 +163,7 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
     nonfinite = state.nonfinite_updates + (is_update & ~finite).astype(jnp.int32)
     # Only masks, key, method state and the inner state cross the cond; the weights'
     # update stays outside it, fused with the rest of the step.
-    masks, key, extra, inner_state = jax.lax.cond(
+    masks, key, extra, inner_state, ever, changed = jax.lax.cond(
         rewiring, rewire, keep, state.key, state.extra, state.inner_state)
     if topology.train_at_update:
       trained = map_masked(jnp.logical_and, masks, state.masks)
@@ -154,7 +178,8 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
       inner_state = optax.tree.where(rewiring, inner_state, stepped_state)
     # Dropped weights become exactly 0; grown ones were masked, hence 0 already.
     return (_masked_updates(inner_updates, trained, params),
-            SparseState(step, key, masks, inner_state, extra, nonfinite))
+            SparseState(step, key, masks, inner_state, extra, nonfinite, changed,
+                        is_update & topology.reads_dense_gradient, ever))
 
   # Jitted: an eager init dispatches (and compiles) dozens of small ops per leaf.
   return optax.GradientTransformationExtraArgs(jax.jit(init_fn), update_fn)

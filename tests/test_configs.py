@@ -48,7 +48,7 @@ def mock_cifar():
 
 
 @pytest.mark.parametrize("setup", sorted(SETUPS))
-@pytest.mark.parametrize("method", common.METHODS)
+@pytest.mark.parametrize("method", common.methods())
 def test_every_method_and_model_builds(setup, method, mnist_dir):
   module, models = SETUPS[setup]
   for model in models:

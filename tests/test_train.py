@@ -13,7 +13,7 @@ import pytest
 from experiments.configs import fashion_mnist
 import sparsejax
 from sparsejax.data import ArraySource
-from sparsejax.train import experiment_config, loop, models
+from sparsejax.train import experiment_config, flops, loop, models, optimizers
 from sparsejax.train.logs import read_rows
 
 NUM_TRAIN, NUM_TEST = 256, 70  # NUM_TEST is not a multiple of eval_batch_size: padding is used
@@ -173,13 +173,13 @@ def test_kernel_positions_and_flops_by_hand():
   model = sparsejax.train.get_model("lenet5")
   x = np.zeros((1, 28, 28, 1), np.float32)
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-  positions = sparsejax.metrics.kernel_positions(model, variables, x)
+  positions = flops.kernel_positions(model, variables, x)
   assert positions == {"Conv_0/kernel": 24 * 24, "Conv_1/kernel": 8 * 8, "Dense_0/kernel": 1,
                        "Dense_1/kernel": 1}
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables["params"])
   masks = jax.tree.map(lambda p: np.arange(p.size).reshape(p.shape) % 4 == 0 if p.ndim > 1
                        else None, params)
-  sparse, dense = sparsejax.metrics.forward_flops(params, masks, positions)
+  sparse, dense = flops.forward_flops(params, masks, positions)
   sizes = [(576, 5 * 5 * 20), (64, 5 * 5 * 20 * 50), (1, 800 * 500), (1, 500 * 10)]
   assert dense == sum(2 * p * n for p, n in sizes)
   assert float(sparse) == sum(2 * p * ((n + 3) // 4) for p, n in sizes)
@@ -189,7 +189,7 @@ def test_learning_rate_schedule_warmup_and_steps():
   opt = fashion_mnist.get_config("rigl").optimizer
   opt.update(learning_rate=0.1, schedule="step", decay_epochs=[2, 3], decay_factor=0.1,
              warmup_epochs=1)
-  schedule = experiment_config.learning_rate_schedule(opt, 10)
+  schedule = optimizers.learning_rate_schedule(opt, 10)
   lrs = [float(schedule(step)) for step in range(40)]
   np.testing.assert_allclose(lrs[:10], 0.01 + 0.09 * np.arange(10) / 10, rtol=1e-5)
   np.testing.assert_allclose(lrs[10:20], 0.1, rtol=1e-6)
@@ -200,7 +200,7 @@ def test_learning_rate_schedule_warmup_and_steps():
 def test_weight_decay_is_l2_in_the_gradient_for_sgd():
   opt = fashion_mnist.get_config("rigl").optimizer
   opt.update(learning_rate=0.5, momentum=0.0, weight_decay=0.1)
-  tx = experiment_config.make_optimizer(opt, 10)
+  tx = optimizers.make_optimizer(opt, 10)
   params = {"w": np.array([2.0], np.float32)}
   updates, _ = tx.update({"w": np.array([1.0], np.float32)}, tx.init(params), params)
   np.testing.assert_allclose(updates["w"], -0.5 * (1.0 + 0.1 * 2.0))
@@ -337,5 +337,6 @@ def test_checkpoint_survives_donation_after_async_save(data, tmp_path):
 def test_dense_optimizer_has_no_masks(data):
   experiment = loop.setup(small_config("dense"), data)
   assert optax.tree_utils.tree_get(experiment.state.opt_state, "masks") is None
-  assert experiment.state.tracker.ever_active is None
-  assert loop.setup(small_config("static"), data).state.tracker.ever_active is None
+  assert experiment.state.tracker.eval_masks is None
+  static = loop.setup(small_config("static"), data).state.opt_state
+  assert optax.tree_utils.tree_get(static, "ever_active") is None

@@ -13,8 +13,8 @@ Run from the repository root:
   python -m experiments.train --config=experiments/configs/fashion_mnist.py \
       --methods=dense,static,set,rigl,gmp --workdir=runs/fmnist
 
-SGD with momentum 0.9, learning rate 0.02, batch 128, 10 epochs, 90 % sparsity (ERK;
-GMP: uniform), masks updated every 100 steps until 75 % of training.
+SGD with momentum 0.9, learning rate 0.02, batch 128, 10 epochs, 90 % sparsity (ERK),
+masks updated every 100 steps until 75 % of training.
 
 ``dst`` (Liu et al., ICLR 2020) has no target sparsity: ``sparse.alpha`` sets how hard
 its thresholds are pushed up (larger → sparser), and it uses the DST paper's MNIST

@@ -16,8 +16,9 @@ def drop_grow_method(inner: optax.GradientTransformation, grow_score: scores.Sco
                      sparsity: float, distribution: str | Mapping[str, float],
                      update_every: int, start_step: int, end_step: int,
                      drop_fraction: float | optax.Schedule, dense: DensePredicate,
-                     seed: int, train_at_update: bool = False, init_extra=None,
-                     update_extra=None) -> optax.GradientTransformationExtraArgs:
+                     seed: int, train_at_update: bool = False,
+                     reads_dense_gradient: bool = False
+                     ) -> optax.GradientTransformationExtraArgs:
   """A RigL-family method: magnitude drop, the given grow score, cosine drop fraction.
 
   Args:
@@ -34,8 +35,7 @@ def drop_grow_method(inner: optax.GradientTransformation, grow_score: scores.Sco
     seed: seed of the initial masks and of random scores.
     train_at_update: False (RigL's Algorithm 1): a mask-update step only rewires;
       True: the weights active before and after it also take the optimizer step.
-    init_extra: optional ``(params, masks) -> extra`` method state.
-    update_extra: optional ``(inputs, new_masks) -> extra``.
+    reads_dense_gradient: whether ``grow_score`` reads the dense gradient.
 
   Returns:
     An optax transformation.
@@ -47,8 +47,6 @@ def drop_grow_method(inner: optax.GradientTransformation, grow_score: scores.Sco
       is_update_step=schedules.update_steps(update_every, start_step, end_step),
       update_masks=drop_and_grow(
           scores.magnitude, grow_score,
-          schedules.as_drop_fraction(drop_fraction, start_step, end_step), update_extra),
-      train_at_update=train_at_update)
-  if init_extra is not None:
-    topology = topology._replace(init_extra=init_extra)
+          schedules.as_drop_fraction(drop_fraction, start_step, end_step)),
+      train_at_update=train_at_update, reads_dense_gradient=reads_dense_gradient)
   return sparse_wrapper(inner, topology, seed)

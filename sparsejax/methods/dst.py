@@ -41,6 +41,9 @@ class DSTState(NamedTuple):
   inner_state: optax.OptState  # of the inner optimizer, over a params-shaped tree
   threshold_state: optax.OptState  # of the threshold optimizer
   nonfinite_updates: jax.Array  # steps whose masks were kept for a non-finite gradient
+  masks_changed: jax.Array  # whether the step just taken changed a mask (bool)
+  dense_gradient: jax.Array  # whether it read the dense weight gradient: every step
+  ever_active: Any  # masks | all earlier masks, per masked leaf
 
 
 def long_tailed_estimator(x: jax.Array) -> jax.Array:
@@ -134,11 +137,13 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
         params, flags)
     thresholds = jax.tree.map(lambda p, f: jnp.zeros(jnp.shape(p)[-1:], jnp.float32)
                               if f else None, params, flags)
+    masks = threshold_masks(weights, thresholds)
     return DSTState(step=jnp.zeros((), jnp.int32), weights=weights, thresholds=thresholds,
-                    masks=threshold_masks(weights, thresholds),
-                    inner_state=inner.init(_params_shaped(weights, params)),
+                    masks=masks, inner_state=inner.init(_params_shaped(weights, params)),
                     threshold_state=threshold_tx.init(_with_placeholders(thresholds)),
-                    nonfinite_updates=jnp.zeros((), jnp.int32))
+                    nonfinite_updates=jnp.zeros((), jnp.int32),
+                    masks_changed=jnp.zeros((), bool), dense_gradient=jnp.zeros((), bool),
+                    ever_active=jax.tree.map(jnp.copy, masks))
 
   def update_fn(updates, state, params=None, **extra_args):
     require_params(params)
@@ -170,8 +175,12 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
                        is_leaf=is_unmasked)
     latent = map_masked(lambda t, w: w, new_t, new_w)
     nonfinite = state.nonfinite_updates + (~finite).astype(jnp.int32)
+    changed = jnp.stack(jax.tree.leaves(
+        map_masked(lambda new, old: (new != old).any(), new_masks, state.masks))).any()
+    ever = map_masked(jnp.logical_or, new_masks, state.ever_active)
     return out, DSTState(optax.safe_increment(state.step), latent, new_t, new_masks,
-                         inner_state, threshold_state, nonfinite)
+                         inner_state, threshold_state, nonfinite, changed,
+                         jnp.ones((), bool), ever)
 
   def _recover(t, w):
     density = jnp.mean(jnp.abs(w) - t > 0)

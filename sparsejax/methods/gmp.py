@@ -24,8 +24,8 @@ from sparsejax.wrapper import Topology, sparse_wrapper
 def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
         initial_sparsity: float = 0.0, start_step: int = 0, update_every: int = 100,
         distribution: str | Mapping[str, float] = "uniform",
-        dense: DensePredicate = keep_small_leaves_dense,
-        seed: int = 0) -> optax.GradientTransformationExtraArgs:
+        dense: DensePredicate = keep_small_leaves_dense
+        ) -> optax.GradientTransformationExtraArgs:
   """Prunes the smallest-magnitude active weights every ``update_every`` steps.
 
   Layer l's sparsity follows s_t = s_l + (s_il − s_l)(1 − (t − start)/(end − start))³,
@@ -45,7 +45,6 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
     update_every: steps between pruning steps (ΔT).
     distribution: "uniform", "er", "erk" or a mapping from path to sparsity.
     dense: predicate ``(path, leaf) -> bool`` of leaves kept dense.
-    seed: unused by the method itself; kept for a uniform signature.
 
   Returns:
     An optax transformation.
@@ -85,4 +84,4 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
 
   topology = Topology(init_masks, init_extra, is_update_step=is_update_step,
                       update_masks=update_masks)
-  return sparse_wrapper(inner, topology, seed)
+  return sparse_wrapper(inner, topology)

@@ -46,4 +46,5 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
   return drop_grow_method(
       inner, scores.gradient_magnitude, sparsity=sparsity, distribution=distribution,
       update_every=update_every, start_step=start_step, end_step=end_step,
-      drop_fraction=drop_fraction, dense=dense, seed=seed, train_at_update=train_at_update)
+      drop_fraction=drop_fraction, dense=dense, seed=seed, train_at_update=train_at_update,
+      reads_dense_gradient=True)

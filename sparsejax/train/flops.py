@@ -1,0 +1,109 @@
+"""Training and inference FLOPs of a Flax model with masked kernels.
+
+The accounting of the RigL paper (Evci et al. 2020, appendix H): only the
+multiply-adds of kernels (``nn.Dense``, ``nn.Conv``) count, one multiply-add is 2
+FLOPs, and elementwise work (biases, activations, normalisation) is ignored. A kernel
+applied at ``P`` output positions per example (1 for a ``Dense`` on a flat input,
+H'·W' for a convolution) costs ``2·P·nnz`` FLOPs forward. A training step costs the
+forward pass, the gradient with respect to the activations (both sparse), and the
+gradient with respect to the weights, which is sparse too unless the method read the
+dense gradient at that step (its state's ``dense_gradient``: RigL at a mask update,
+DST at every step)::
+
+  positions = kernel_positions(model, variables, images[:1])
+  sparse, dense = forward_flops(params, masks, positions)       # per example
+  step = training_flops(sparse, dense, dense_gradient=tree_get(opt_state, "dense_gradient"))
+
+Every function taking masks is traceable, so the runner accumulates these inside its
+jitted step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sparsejax.masks import is_unmasked, path_name
+
+
+def kernel_positions(model: nn.Module, variables: Any, *args: Any, **kwargs: Any
+                     ) -> dict[str, int]:
+  """Output positions per example of every ``Dense``/``Conv`` kernel of ``model``.
+
+  Traced abstractly with :func:`jax.eval_shape`: nothing is computed.
+
+  Args:
+    model: a ``flax.linen`` module.
+    variables: its variables (or their shapes), e.g. ``{"params": params}``.
+    *args: inputs of ``model.apply``, batch first (one example is enough).
+    **kwargs: keyword arguments of ``model.apply``, e.g. ``train=False``.
+
+  Returns:
+    ``{"Conv_0/kernel": H'·W', "Dense_0/kernel": 1, ...}`` keyed like
+    :func:`sparsejax.masks.path_name` of the params.
+  """
+  positions: dict[str, int] = {}
+
+  def record(next_fun, call_args, call_kwargs, context):
+    out = next_fun(*call_args, **call_kwargs)
+    module = context.module
+    if context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.Conv)):
+      batch, features = out.shape[0], out.shape[-1]
+      positions["/".join(module.path) + "/kernel"] = out.size // (batch * features)
+    return out
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v: model.apply(v, *args, **kwargs), variables)
+  return positions
+
+
+def _kernel_leaves(params: Any, masks: Any, positions: Mapping[str, int]):
+  """``(positions, size, mask or None)`` of every kernel of ``positions`` in ``params``."""
+  mask_leaves = jax.tree.leaves(masks, is_leaf=is_unmasked) if masks is not None else None
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  for i, (path, leaf) in enumerate(flat):
+    name = path_name(path)
+    if name in positions:
+      mask = mask_leaves[i] if mask_leaves is not None else None
+      yield positions[name], math.prod(jnp.shape(leaf)), mask
+
+
+def forward_flops(params: Any, masks: Any, positions: Mapping[str, int]
+                  ) -> tuple[jax.Array, float]:
+  """Forward FLOPs per example with the active weights only, and with all weights.
+
+  Args:
+    params: the parameter pytree (only shapes are read).
+    masks: a mask pytree like ``params`` (None leaves are dense), or None for dense.
+    positions: from :func:`kernel_positions`.
+
+  Returns:
+    ``(sparse, dense)``: a float32 scalar array and a Python float.
+  """
+  sparse, dense = jnp.zeros((), jnp.float32), 0.0
+  for count, size, mask in _kernel_leaves(params, masks, positions):
+    nnz = size if mask is None else jnp.sum(mask, dtype=jnp.float32)
+    sparse = sparse + 2.0 * count * nnz
+    dense += 2.0 * count * size
+  return sparse, dense
+
+
+def training_flops(sparse: jax.Array, dense: float, dense_gradient: jax.Array | bool
+                   ) -> jax.Array:
+  """FLOPs per example of one training step (RigL appendix H).
+
+  Args:
+    sparse: forward FLOPs per example with the active weights.
+    dense: forward FLOPs per example of the dense model.
+    dense_gradient: whether this step computes the dense weight gradient.
+
+  Returns:
+    forward + activation gradient (both ``sparse``) + weight gradient (``dense``
+    when ``dense_gradient``, else ``sparse``).
+  """
+  return 2.0 * sparse + jnp.where(dense_gradient, dense, sparse)

@@ -1,0 +1,136 @@
+"""The runner's bookkeeping: running metrics on the device, ``metrics.jsonl`` rows, the summary.
+
+Everything a row reports about the sparse method is read from the optimizer state
+(masks, ``dense_gradient``, ``ever_active``; see :mod:`sparsejax.wrapper`), never from
+the method's name, so a newly registered method is measured like the built-in ones.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import sparsejax
+from sparsejax import metrics
+from sparsejax.train import flops
+
+if TYPE_CHECKING:
+  from sparsejax.train.loop import Experiment, TrainState
+
+
+class Tracker(NamedTuple):
+  """Running metrics kept on the device (and in checkpoints) between logged rows."""
+  loss_sum: jax.Array  # training loss summed since the last logged row
+  loss_count: jax.Array  # steps since the last logged row
+  flops: jax.Array  # sparse training FLOPs per example since the last host flush
+  eval_masks: Any  # masks at the last evaluation row, for churn (None when dense)
+
+
+class Totals(NamedTuple):
+  """Host-side running totals, saved in each checkpoint's record (exact in JSON)."""
+  train_flops: float = 0.0  # sparse training FLOPs so far (whole batches)
+
+
+def state_masks(opt_state: optax.OptState) -> Any:
+  """The masks of a sparsejax state; None for a dense optimizer."""
+  return optax.tree_utils.tree_get(opt_state, "masks")
+
+
+def masks_can_change(opt_state: optax.OptState) -> bool:
+  """Whether the method's masks change during training (it keeps ``ever_active``)."""
+  return optax.tree_utils.tree_get(opt_state, "ever_active") is not None
+
+
+def new_tracker(opt_state: optax.OptState) -> Tracker:
+  """A tracker with nothing counted yet (own copies of the masks: the step donates)."""
+  masks = state_masks(opt_state)
+  return Tracker(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+                 jnp.zeros((), jnp.float32), jax.tree.map(jnp.copy, masks))
+
+
+def track_step(tracker: Tracker, loss: jax.Array, old_opt_state: optax.OptState,
+               new_opt_state: optax.OptState, params: Any, positions: Any) -> Tracker:
+  """Adds one training step (traceable): its loss and, for a sparse method, its FLOPs.
+
+  Args:
+    tracker: the running metrics.
+    loss: the step's training loss.
+    old_opt_state: the optimizer state the step's forward pass used.
+    new_opt_state: the state after the step (says whether it read the dense gradient).
+    params: the params before the step (shapes only).
+    positions: kernel output positions (:func:`sparsejax.train.flops.kernel_positions`).
+
+  Returns:
+    The updated tracker.
+  """
+  tracker = tracker._replace(loss_sum=tracker.loss_sum + loss, loss_count=tracker.loss_count + 1)
+  masks = state_masks(old_opt_state)
+  if masks is None:
+    return tracker
+  sparse, dense = flops.forward_flops(params, masks, positions)
+  dense_gradient = optax.tree_utils.tree_get(new_opt_state, "dense_gradient", False)
+  return tracker._replace(
+      flops=tracker.flops + flops.training_flops(sparse, dense, dense_gradient))
+
+
+def flush(state: TrainState, totals: Totals, batch_size: int) -> tuple[TrainState, Totals]:
+  """Moves the device FLOPs accumulator into the host totals (float64)."""
+  totals = Totals(totals.train_flops + float(state.tracker.flops) * batch_size)
+  return state._replace(tracker=state.tracker._replace(
+      flops=jnp.zeros((), jnp.float32))), totals
+
+
+def start_next_row(state: TrainState, evaluated: bool) -> TrainState:
+  """Resets the running loss after a logged row (and the churn reference after an evaluation)."""
+  tracker = state.tracker._replace(loss_sum=jnp.zeros((), jnp.float32),
+                                   loss_count=jnp.zeros((), jnp.int32))
+  if evaluated:
+    tracker = tracker._replace(eval_masks=jax.tree.map(jnp.copy, state_masks(state.opt_state)))
+  return state._replace(tracker=tracker)
+
+
+def row(experiment: Experiment, state: TrainState, totals: Totals,
+        evaluation: tuple[float, float] | None) -> dict[str, Any]:
+  """The ``metrics.jsonl`` row of ``state`` (an evaluation row when ``evaluation`` is given)."""
+  step = int(state.step)
+  tracker = state.tracker
+  out = {"step": step, "epoch": step / experiment.steps_per_epoch,
+         "train_loss": float(tracker.loss_sum) / max(int(tracker.loss_count), 1),
+         "learning_rate": float(experiment.learning_rate(step - 1)), "sparsity": 0.0}
+  masks = state_masks(state.opt_state)
+  stats = None if masks is None else metrics.mask_statistics(masks, tracker.eval_masks)
+  if stats is not None:
+    out["sparsity"] = stats["sparsity"]
+  if evaluation is None:
+    return out
+  dense_per_step = 3.0 * experiment.dense_flops * experiment.config.batch_size
+  sparse_forward, _ = flops.forward_flops(state.params, masks, experiment.positions)
+  out.update(test_loss=evaluation[0], test_accuracy=evaluation[1],
+             layers=stats["layers"] if stats is not None else {},
+             train_flops=totals.train_flops if stats is not None else dense_per_step * step,
+             train_flops_dense=dense_per_step * step,
+             inference_flops=float(sparse_forward), inference_flops_dense=experiment.dense_flops)
+  if stats is not None and masks_can_change(state.opt_state):
+    out.update(coverage=sparsejax.coverage(state.opt_state)["global"], churn=stats["churn"])
+  return out
+
+
+def summary(experiment: Experiment, state: TrainState, last_row: dict[str, Any],
+            seconds: float) -> dict[str, Any]:
+  """The run's ``summary.json``: what it was, what it reached, what it cost."""
+  config = experiment.config
+  return {
+      "method": experiment.method, "dataset": config.data.dataset, "model": config.model,
+      "seed": config.seed, "target_sparsity": config.sparse.get("sparsity"),
+      # What sets the sparsity of a method without a target (DST): part of its group.
+      "variant": sparsejax.variant(config.sparse),
+      "sparsity": last_row["sparsity"], "test_accuracy": last_row["test_accuracy"],
+      "test_loss": last_row["test_loss"], "train_loss": last_row["train_loss"],
+      "steps": int(state.step), "seconds": seconds,
+      "train_flops_ratio": last_row["train_flops"] / last_row["train_flops_dense"],
+      "inference_flops_ratio": last_row["inference_flops"] / last_row["inference_flops_dense"],
+      "coverage": last_row.get("coverage"), "layers": last_row["layers"],
+  }
