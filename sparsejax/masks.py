@@ -41,7 +41,15 @@ def map_masked(fn: Callable[..., Any], masks: Any, *trees: Any) -> Any:
 
 def keep_small_leaves_dense(path: str, leaf: Any) -> bool:
   """Default ``dense`` predicate: leaves with fewer than two axes (biases, scales),
-  leaves that are not floating point (integer tables, keys) and empty leaves."""
+  leaves that are not floating point (integer tables, keys) and empty leaves.
+
+  Examples:
+    >>> import jax.numpy as jnp, sparsejax as sj
+    >>> sj.keep_small_leaves_dense("Dense_0/bias", jnp.zeros(8))
+    True
+    >>> sj.keep_small_leaves_dense("Dense_0/kernel", jnp.zeros((4, 8)))
+    False
+  """
   del path
   return (jnp.ndim(leaf) < 2 or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
           or math.prod(jnp.shape(leaf)) == 0)
@@ -148,6 +156,14 @@ def masks(opt_state: optax.OptState) -> Any:
 
   Returns:
     A pytree like the params: bool arrays for masked leaves, None for dense ones.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, sparsejax as sj
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))
+    >>> tx = sj.static_sparse(tx, sparsity=0.5, distribution="uniform")
+    >>> masks = sj.masks(tx.init({"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}))
+    >>> masks["b"], int(masks["w"].sum())
+    (None, 2)
   """
   return optax.tree_utils.tree_get(unbox(opt_state), "masks")
 
@@ -170,6 +186,15 @@ def summary(opt_state: optax.OptState, params: Any = None) -> dict[str, Any]:
     also has ``"nonzero"`` (non-zeros present) and ``"nonzero_masked"`` (non-zeros
     where the mask is False), and the result has ``"violations"``: the paths with
     ``nonzero_masked > 0``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, sparsejax as sj
+    >>> params = {"w": jnp.ones((4, 8)), "b": jnp.zeros(8)}
+    >>> state = sj.static_sparse(optax.sgd(0.1), sparsity=0.75, distribution="uniform").init(params)
+    >>> sj.summary(state)
+    {'layers': {'w': {'nnz': 8, 'size': 32, 'sparsity': 0.75}}, 'nnz': 8, 'size': 32, 'sparsity': 0.75}
+    >>> sj.summary(state, params)["violations"]  # params were not masked yet
+    ['w']
   """
   tree = masks(opt_state)
   values = None

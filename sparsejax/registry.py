@@ -95,11 +95,8 @@ def register_method(name: str, factory: Factory, *, variant_keys: tuple[str, ...
     >>> def fixed(inner, *, sparsity: float, seed: int = 0):
     ...   return sj.static_sparse(inner, sparsity=sparsity, distribution="uniform", seed=seed)
     >>> sj.register_method("fixed_uniform", fixed)
-    >>> sj.method_config("fixed_uniform")
-    method: fixed_uniform
-    seed: 0
-    sparsity: null
-    <BLANKLINE>
+    >>> sj.method_config("fixed_uniform").to_dict()
+    {'method': 'fixed_uniform', 'seed': 0, 'sparsity': None}
   """
   if name == DENSE or name in _REGISTRY:
     raise ValueError(f"method name {name!r} is {'reserved' if name == DENSE else 'taken'}")

@@ -29,6 +29,13 @@ def random_init(sparsity: float, distribution: str | Mapping[str, float],
 
   Returns:
     A function ``(params, key) -> masks``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sparsejax as sj
+    >>> init = sj.random_init(0.75, "uniform", sj.keep_small_leaves_dense)
+    >>> masks = init({"w": jnp.ones((4, 8)), "b": jnp.zeros(8)}, jax.random.PRNGKey(0))
+    >>> masks["b"], int(masks["w"].sum())
+    (None, 8)
   """
   def init_masks(params, key):
     nnz = nnz_targets(params, sparsity, distribution, dense)
@@ -72,6 +79,16 @@ def drop_and_grow(drop_score: ScoreFn, grow_score: ScoreFn, drop_fraction: optax
 
   Returns:
     A function ``ScoreInputs -> (masks, extra)`` (``extra`` passed through).
+
+  Examples:
+    SET's update, half of the active weights swapped at every update:
+
+    >>> import sparsejax as sj
+    >>> update = sj.drop_and_grow(sj.scores.magnitude, sj.scores.random_uniform,
+    ...                           lambda step: 0.5)
+    >>> topology = sj.Topology(sj.random_init(0.9, "erk", sj.keep_small_leaves_dense),
+    ...                        is_update_step=sj.schedules.update_steps(100, 0, 1000),
+    ...                        update_masks=update)
   """
   def update_masks(inputs: ScoreInputs):
     fraction = drop_fraction(inputs.step)

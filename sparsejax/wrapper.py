@@ -118,6 +118,27 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a :class:`SparseState`.
+
+  Examples:
+    A method that halves its active weights once, at step 2, by magnitude:
+
+    >>> import jax.numpy as jnp, optax, sparsejax as sj
+    >>> from sparsejax.selection import top_k_mask
+    >>> topology = sj.Topology(
+    ...     init_masks=lambda params, key: {"w": jnp.ones((2, 4), bool), "b": None},
+    ...     is_update_step=lambda step: step == 2,
+    ...     update_masks=lambda inputs: ({"w": top_k_mask(jnp.abs(inputs.params["w"]), 4),
+    ...                                   "b": None}, inputs.extra))
+    >>> tx = sj.sparse_wrapper(optax.sgd(0.0), topology)
+    >>> params = {"w": jnp.arange(8.0).reshape(2, 4), "b": jnp.zeros(4)}
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.zeros((2, 4)), "b": jnp.zeros(4)}
+    >>> for _ in range(2):
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> params["w"]
+    Array([[0., 0., 0., 0.],
+           [4., 5., 6., 7.]], dtype=float32)
   """
   inner = optax.with_extra_args_support(inner)
 

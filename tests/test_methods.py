@@ -215,7 +215,7 @@ def test_from_config_builds_each_method_and_rejects_bad_keys(mlp):
   state = sj.from_config(cfg, inner).init(params)
   assert abs(sj.summary(state)["sparsity"] - 0.9) < 1e-3
   assert sj.from_config({"method": "dense"}, inner) is inner
-  for method in sj.METHODS:
+  for method in ("static", "set", "rigl", "gmp", "dst"):
     kwargs = {"static": {"sparsity": 0.5}, "dst": {"alpha": 1e-3}}.get(
         method, {"sparsity": 0.5, "end_step": 10})
     sj.from_config({"method": method, **kwargs}, inner).init(params)
@@ -295,3 +295,61 @@ def test_gmp_layers_start_at_their_own_density_and_end_at_their_count(mlp):
                      for s, f in zip(sizes, final, strict=True)]
   assert nnz == final
   assert any(f is not None and f > round(0.7 * s) for s, f in zip(sizes, final, strict=True))
+
+
+STATE_METHODS = {
+    "static": lambda: sj.static_sparse(optax.sgd(0.1), sparsity=0.7),
+    "set": lambda: sj.set(optax.sgd(0.1), sparsity=0.7, update_every=3, end_step=9),
+    "rigl": lambda: sj.rigl(optax.sgd(0.1), sparsity=0.7, update_every=3, end_step=9),
+    "gmp": lambda: sj.gmp(optax.sgd(0.1), sparsity=0.7, update_every=3, end_step=9),
+    "dst": lambda: sj.dst(optax.sgd(0.5), alpha=1e-2),
+}
+# Which steps read the dense weight gradient: RigL's updates, every DST step.
+DENSE_GRADIENT_STEPS = {"static": [], "set": [], "rigl": [3, 6, 9], "gmp": [],
+                        "dst": list(range(1, 13))}
+
+
+@pytest.mark.parametrize("method", list(STATE_METHODS))
+def test_state_says_what_the_step_did(mlp, method):
+  """masks_changed, dense_gradient and ever_active, checked against the masks themselves."""
+  params, loss = mlp
+  tx = STATE_METHODS[method]()
+  get = optax.tree_utils.tree_get
+  ever = None
+  read_dense, changed = [], []
+  for t, _, _, before, after, _ in run(tx, params, loss, 12):
+    old, new = mask_leaves(sj.masks(before)), mask_leaves(sj.masks(after))
+    differs = any(o is not None and not np.array_equal(o, n) for o, n in zip(old, new))
+    assert bool(get(after, "masks_changed")) == differs, t
+    changed += [t] if differs else []
+    read_dense += [t] if bool(get(after, "dense_gradient")) else []
+    ever = [None if n is None else np.asarray(n) | (np.asarray(o) if ever is None else e)
+            for o, n, e in zip(old, new, ever or old)]
+    if method == "static":
+      assert get(after, "ever_active") is None
+    else:
+      for e, a in zip(ever, mask_leaves(get(after, "ever_active"))):
+        np.testing.assert_array_equal(e, a)
+  assert read_dense == DENSE_GRADIENT_STEPS[method]
+  if method != "dst":  # the cosine drop fraction is 0 at end_step: step 9 changes nothing
+    assert changed == {"static": [], "set": [3, 6], "rigl": [3, 6], "gmp": [1, 3, 6, 9]}[method]
+  expected = sum(int(e.sum()) for e in ever if e is not None) / sum(
+      e.size for e in ever if e is not None)
+  assert sj.coverage(after)["global"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_coverage_grows_with_exploration_and_is_per_layer(mlp):
+  params, loss = mlp
+  tx = sj.set(optax.sgd(0.1), sparsity=0.8, update_every=2, end_step=20, drop_fraction=0.5)
+  state = tx.init(params)
+  start = sj.coverage(state)
+  assert start["global"] == pytest.approx(0.2, abs=0.01)
+  *_, (_, _, _, _, state, _) = run(tx, params, loss, 20)
+  end = sj.coverage(state)
+  assert end["global"] > start["global"] + 0.1
+  assert set(end["layers"]) == {"Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"}
+  sizes = [m.size for m in mask_leaves(sj.masks(state)) if m is not None]
+  weighted = sum(f * n for f, n in zip(end["layers"].values(), sizes)) / sum(sizes)
+  assert end["global"] == pytest.approx(weighted)
+  with pytest.raises(ValueError, match="no sparsejax method state"):
+    sj.coverage(optax.sgd(0.1).init(params))

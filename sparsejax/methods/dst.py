@@ -120,6 +120,21 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
 
   Returns:
     An optax transformation with a :class:`DSTState`; ``update`` needs ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, sparsejax as sj
+    >>> params = {"w": jnp.linspace(-1.0, 1.0, 32).reshape(4, 8), "b": jnp.zeros(8)}
+    >>> tx = sj.dst(optax.sgd(0.1), alpha=5.0)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.zeros((4, 8)), "b": jnp.zeros(8)}, state, params)
+    >>> sj.thresholds(state)["w"].round(2)  # pushed up by the regulariser: 0.1 · 5 · e⁰
+    Array([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], dtype=float32)
+    >>> sj.summary(state)["sparsity"]  # |w| ≤ 0.5 is masked
+    0.5
+
+  References:
+    Liu et al., `Dynamic Sparse Training: Find Efficient Sparse Network From Scratch With
+    Trainable Masked Layers <https://arxiv.org/abs/2005.06870>`_, ICLR 2020
   """
   if alpha < 0:
     raise ValueError(f"alpha must be >= 0, got {alpha!r}")
@@ -199,5 +214,11 @@ def thresholds(opt_state: optax.OptState) -> Any:
   Returns:
     A pytree like the params: a vector per masked leaf (one entry per output unit),
     None for dense leaves.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, sparsejax as sj
+    >>> state = sj.dst(optax.sgd(0.1)).init({"w": jnp.ones((4, 3)), "b": jnp.zeros(3)})
+    >>> sj.thresholds(state)
+    {'b': None, 'w': Array([0., 0., 0.], dtype=float32)}
   """
   return optax.tree_utils.tree_get(unbox(opt_state), "thresholds")

@@ -48,6 +48,20 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
 
   Returns:
     An optax transformation.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, sparsejax as sj
+    >>> params = {"w": jnp.arange(1.0, 65.0).reshape(8, 8), "b": jnp.zeros(8)}
+    >>> tx = sj.gmp(optax.sgd(0.0), sparsity=0.75, end_step=1, distribution="uniform")
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.ones((8, 8)), "b": jnp.ones(8)}, state, params)
+    >>> params = optax.apply_updates(params, updates)  # the 16 largest weights remain
+    >>> int((params["w"] != 0).sum()), float(params["w"].min(where=params["w"] != 0, initial=99))
+    (16, 49.0)
+
+  References:
+    Zhu & Gupta, `To prune, or not to prune: exploring the efficacy of pruning for model
+    compression <https://arxiv.org/abs/1710.01878>`_, 2017
   """
   distributions.check_sparsity(sparsity)
   distributions.check_sparsity(initial_sparsity, "initial_sparsity")

@@ -32,6 +32,20 @@ def prune(params: Any, *, sparsity: float, criterion: str = "magnitude", grads: 
     ``(pruned_params, masks)``: params with exactly zero pruned weights, and the
     mask pytree (None for dense leaves). Feed the masks to training with
     :func:`sparsejax.static_sparse`-style methods or keep them for analysis.
+
+  Examples:
+    >>> import jax.numpy as jnp, sparsejax as sj
+    >>> params = {"w": jnp.arange(1.0, 9.0).reshape(2, 4), "b": jnp.ones(4)}
+    >>> pruned, masks = sj.prune(params, sparsity=0.5)
+    >>> pruned["w"]
+    Array([[0., 0., 0., 0.],
+           [5., 6., 7., 8.]], dtype=float32)
+
+  References:
+    Han et al., `Learning both Weights and Connections for Efficient Neural Networks
+    <https://arxiv.org/abs/1506.02626>`_, NeurIPS 2015; Lee et al., `SNIP: Single-shot
+    Network Pruning based on Connection Sensitivity <https://arxiv.org/abs/1810.02340>`_,
+    ICLR 2019
   """
   if criterion not in CRITERIA:
     raise ValueError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")

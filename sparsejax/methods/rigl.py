@@ -42,6 +42,21 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
 
   Returns:
     An optax transformation.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, sparsejax as sj
+    >>> params = {"w": jnp.ones((8, 8)), "b": jnp.zeros(8)}
+    >>> tx = sj.rigl(optax.sgd(0.1), sparsity=0.75, distribution="uniform", update_every=1,
+    ...              end_step=10)
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.arange(64.0).reshape(8, 8), "b": jnp.ones(8)}
+    >>> updates, state = tx.update(grads, state, params)  # step 1: a mask update
+    >>> bool(state.dense_gradient), sj.summary(state)["nnz"]
+    (True, 16)
+
+  References:
+    Evci et al., `Rigging the Lottery: Making All Tickets Winners
+    <https://arxiv.org/abs/1911.11134>`_, ICML 2020
   """
   return drop_grow_method(
       inner, scores.gradient_magnitude, sparsity=sparsity, distribution=distribution,

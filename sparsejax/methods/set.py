@@ -38,6 +38,21 @@ def set(inner: optax.GradientTransformation, *, sparsity: float, end_step: int, 
 
   Returns:
     An optax transformation.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, sparsejax as sj
+    >>> params = {"w": jnp.arange(64.0).reshape(8, 8), "b": jnp.zeros(8)}
+    >>> tx = sj.set(optax.sgd(0.1), sparsity=0.75, distribution="uniform", update_every=1,
+    ...             end_step=10)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.ones((8, 8)), "b": jnp.ones(8)}, state, params)
+    >>> bool(state.masks_changed), sj.summary(state)["nnz"]
+    (True, 16)
+
+  References:
+    Mocanu et al., `Scalable training of artificial neural networks with adaptive sparse
+    connectivity inspired by network science <https://arxiv.org/abs/1707.04780>`_,
+    Nature Communications 2018
   """
   return drop_grow_method(
       inner, scores.random_uniform, sparsity=sparsity, distribution=distribution,

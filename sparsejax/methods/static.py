@@ -28,6 +28,20 @@ def static_sparse(inner: optax.GradientTransformation, *, sparsity: float,
 
   Returns:
     An optax transformation; see :func:`sparsejax.masks` for its masks.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, sparsejax as sj
+    >>> params = {"w": jnp.ones((8, 8)), "b": jnp.zeros(8)}
+    >>> tx = sj.static_sparse(optax.sgd(0.1), sparsity=0.75, distribution="uniform")
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.ones((8, 8)), "b": jnp.ones(8)}, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> int((params["w"] != 0).sum()), sj.summary(state)["sparsity"]
+    (16, 0.75)
+
+  References:
+    Liu et al., `The Unreasonable Effectiveness of Random Pruning: Return of the Most
+    Naive Baseline for Sparse Training <https://arxiv.org/abs/2202.02643>`_, ICLR 2022
   """
   distributions.check_sparsity(sparsity)
   distributions.check_distribution(distribution)
