@@ -36,6 +36,7 @@ from absl import app, flags
 
 from experiments.cli import fail, flag_error_line
 import sparsejax
+from sparsejax.train.records import group_config
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -55,11 +56,12 @@ class ReportError(ValueError):
 
 
 class GroupKey(NamedTuple):
-  """What runs aggregated over seeds share."""
+  """What runs aggregated over seeds share: their label, and their config without seeds."""
   dataset: str
   model: str
   method: str
   target_sparsity: float | None
+  config: str = ""  # canonical JSON of records.group_config; "" when unknown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +225,21 @@ def run_info(run: Run) -> dict[str, Any]:
   for key, value in (run.summary or {}).items():
     if key in info and (value is not None or key == "target_sparsity"):
       info[key] = value
+  info["group"] = run_group(run)
   return info
+
+
+def run_group(run: Run) -> dict[str, Any] | None:
+  """The run's config without seeds (:func:`records.group_config`): its summary's, else
+  from ``config.json``; None when neither has it."""
+  if run.summary and run.summary.get("group") is not None:
+    return run.summary["group"]
+  return group_config(run.config) if run.config else None
+
+
+def run_summary(run: Run) -> dict[str, Any]:
+  """The finished run's summary, with its ``group`` (older summaries lack it)."""
+  return {**(run.summary or {}), "group": run_group(run)}
 
 
 # Grouping and aggregating.
@@ -233,21 +249,52 @@ def group_key(summary: Mapping[str, Any]) -> GroupKey:
   """The group of a summary (or :func:`run_info`) dict: dataset, model, method, target.
 
   A ``variant`` (e.g. DST's ``"alpha=0.0005"``, which stands in for a target sparsity)
-  is part of the method's name: ``"dst (alpha=0.0005)"``.
+  is part of the method's name: ``"dst (alpha=0.0005)"``. Summaries with a ``group``
+  (the config without seeds) are grouped only with summaries of an equal one.
   """
   method = str(summary.get("method") or "unknown")
   if summary.get("variant"):
     method = f"{method} ({summary['variant']})"
   target = summary.get("target_sparsity")
+  group = summary.get("group")
   return GroupKey(str(summary.get("dataset") or "-"), str(summary.get("model") or "-"), method,
-                  None if method == DENSE or target is None else round(float(target), 6))
+                  None if method == DENSE or target is None else round(float(target), 6),
+                  "" if group is None else json.dumps(group, sort_keys=True))
 
 
 def sort_key(key: GroupKey) -> tuple[Any, ...]:
   """Dataset, model, dense first, method name, then target sparsity (none first)."""
   target = key.target_sparsity
   return (key.dataset, key.model, key.method != DENSE, key.method, target is not None,
-          target or 0.0)
+          target or 0.0, key.config)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """``{"optimizer.learning_rate": 0.1, ...}`` of a nested dict."""
+  if not isinstance(tree, Mapping):
+    return {prefix: tree}
+  out: dict[str, Any] = {}
+  for key, value in tree.items():
+    out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+  return out
+
+
+def method_labels(keys: Iterable[GroupKey]) -> dict[GroupKey, str]:
+  """Each group's method name, followed by the config values that tell apart groups of
+  the same dataset, model, method and target, e.g. ``"rigl (num_epochs=2)"``."""
+  keys = list(keys)
+  same: dict[GroupKey, list[GroupKey]] = {}
+  for key in keys:
+    same.setdefault(key._replace(config=""), []).append(key)
+  labels = {}
+  for members in same.values():
+    flats = [_flat(json.loads(key.config)) if key.config else {} for key in members]
+    names = sorted({name for flat in flats for name in flat})
+    differing = [name for name in names if len({json.dumps(f.get(name)) for f in flats}) > 1]
+    for key, flat in zip(members, flats):
+      values = ", ".join(f"{name}={json.dumps(flat.get(name))}" for name in differing)
+      labels[key] = f"{key.method} ({values})" if values else key.method
+  return labels
 
 
 def _mean(values: Iterable[Any]) -> float | None:
@@ -331,6 +378,7 @@ def markdown_table(summaries: Sequence[Mapping[str, Any]]) -> str:
     of seeds ``n``, mean FLOPs ratios (sparse / dense) and mean coverage.
   """
   rows = aggregate(summaries)
+  labels = method_labels(row["key"] for row in rows)
   with_dataset = len({row["key"].dataset for row in rows}) > 1
   names = ["method", "model", *(["dataset"] if with_dataset else []), "sparsity",
            "test accuracy (%)", "n", "train FLOPs (× dense)", "inference FLOPs (× dense)",
@@ -340,7 +388,7 @@ def markdown_table(summaries: Sequence[Mapping[str, Any]]) -> str:
                           for name in names) + "|"]
   for row in rows:
     key = row["key"]
-    cells = [key.method, key.model, *([key.dataset] if with_dataset else []),
+    cells = [labels[key], key.model, *([key.dataset] if with_dataset else []),
              _number(row["sparsity"], ".3f"),
              accuracy_cell(row["test_accuracy"], row["test_accuracy_std"]), str(row["n"]),
              _number(row["train_flops_ratio"], "#.3g"),
@@ -575,7 +623,7 @@ def write_plots(runs: Sequence[Run], out: str | os.PathLike[str]) -> list[Path]:
   """
   out = Path(out)
   written = []
-  summaries = [run.summary for run in runs if run.summary is not None]
+  summaries = [run_summary(run) for run in runs if run.finished]
   if summaries:
     written.append(plot_accuracy(aggregate(summaries), out / ACCURACY_PLOT))
   groups = group_runs(runs)
@@ -631,7 +679,7 @@ def main(argv: Sequence[str]) -> None:
     if not run.finished:
       print(f"unfinished (no {SUMMARY_FILE}), left out of the table: {run.path}",
             file=sys.stderr)
-  summaries = [run.summary for run in runs if run.summary is not None]
+  summaries = [run_summary(run) for run in runs if run.finished]
   if not summaries:
     print("no finished run: the table is empty", file=sys.stderr)
   table = markdown_table(summaries)

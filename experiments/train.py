@@ -2,15 +2,21 @@ r"""Trains sparse (and dense) models from an ml_collections config and prints a 
 
   python -m experiments.train --config=experiments/configs/fashion_mnist.py:rigl \
       [--config.sparse.sparsity=0.95] [--workdir=runs/rigl] [--dense_baseline] \
-      [--methods=dense,static,set,rigl,gmp]
+      [--methods=dense,static,set,rigl,gmp] [--seeds=0,1,2] [--validate_only]
 
 The configured method runs (``--methods``: each of them, keeping the keys of
-``config.sparse`` a method accepts; ``--dense_baseline``: "dense" too). With
-``--workdir=DIR`` a single run writes into DIR, several runs into ``DIR/<method>``:
-``config.json``, ``metrics.jsonl``, TensorBoard events, orbax checkpoints and
-``summary.json``; running the same command again resumes from the last checkpoint
-(or just reports a finished run). ``python -m experiments.report DIR`` makes tables
-and plots from run directories.
+``config.sparse`` a method accepts; ``--dense_baseline``: "dense" too), once per seed
+of ``--seeds`` (which sets ``config.seed`` and the method's ``sparse.seed``). With
+``--workdir=DIR`` a single run writes into DIR, several into ``DIR/<method>``,
+``DIR/seed<s>`` or ``DIR/<method>/seed<s>``: ``config.json``, ``metrics.jsonl``,
+TensorBoard events, orbax checkpoints and ``summary.json``; running the same command
+again resumes every run from its last checkpoint (or just reports a finished run).
+The printed table averages runs whose configs differ only in their seeds (mean ± std,
+n). ``python -m experiments.report DIR`` makes tables and plots from run directories.
+
+``--validate_only`` checks every run's config and overrides and builds its model and
+optimizer (abstractly), without reading data or touching the disk, prints each run's
+resolved config as JSON and exits 0.
 
 Every run is validated and built before the first one trains: a bad config, or a DIR
 holding a run of another config, prints one line and exits with status 2 (nothing on
@@ -20,6 +26,7 @@ disk is touched); a missing dataset, or a DIR that cannot be written, exits with
 from __future__ import annotations
 
 from collections.abc import Sequence
+import json
 import os
 from pathlib import Path
 import sys
@@ -38,6 +45,10 @@ _METHODS = flags.DEFINE_list("methods", None, "Methods to run, e.g. dense,static
                              "default: the config's method.")
 _DENSE_BASELINE = flags.DEFINE_bool("dense_baseline", False,
                                     "Also train the same setup with method 'dense'.")
+_SEEDS = flags.DEFINE_list("seeds", None, "Seeds to run, e.g. 0,1,2: each sets config.seed and "
+                           "config.sparse.seed; one run directory per seed.")
+_VALIDATE_ONLY = flags.DEFINE_bool("validate_only", False, "Validate the config(s), build model "
+                                   "and optimizer without data or disk, print them, exit.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (DIR/<method> for several runs): "
                                "checkpoints, metrics.jsonl, TensorBoard, summary.json.")
 
@@ -77,13 +88,54 @@ def methods_to_run(config_method: str, methods: Sequence[str] | None,
   return list(dict.fromkeys(names))
 
 
-def run_dirs(workdir: str | None, methods: Sequence[str]) -> list[Path | None]:
-  """Each run's directory: ``workdir`` for one run, ``workdir/<method>`` for several."""
+def run_dirs(workdir: str | None, methods: Sequence[str], seeds: Sequence[int] | None = None
+             ) -> list[Path | None]:
+  """Each run's directory, methods outer and seeds inner.
+
+  ``workdir`` for one run; ``workdir/<method>`` for several methods without ``seeds``;
+  ``workdir/seed<s>`` for one method with seeds; else ``workdir/<method>/seed<s>``.
+  """
+  runs = [(method, seed) for method in methods for seed in (seeds or [None])]
   if workdir is None:
-    return [None] * len(methods)
-  if len(methods) == 1:
-    return [Path(workdir)]
-  return [Path(workdir) / method for method in methods]
+    return [None] * len(runs)
+  root = Path(workdir)
+  if seeds is None:
+    return [root] if len(methods) == 1 else [root / method for method, _ in runs]
+  return [(root if len(methods) == 1 else root / method) / f"seed{seed}"
+          for method, seed in runs]
+
+
+def parse_seeds(values: Sequence[str] | None, argv: Sequence[str]) -> list[int] | None:
+  """The ``--seeds`` list as integers, without repeats; None without the flag.
+
+  Raises:
+    ValueError: for a value that is not an integer >= 0, or ``--config.seed`` /
+      ``--config.sparse.seed`` given too (``--seeds`` sets them).
+  """
+  if values is None:
+    return None
+  for arg in argv:
+    name = arg.split("=")[0]
+    if name in ("--config.seed", "--config.sparse.seed"):
+      raise ValueError(f"--seeds sets every seed of the run: drop {name}")
+  try:
+    seeds = [int(value) for value in values]
+  except ValueError:
+    raise ValueError(f"--seeds must be integers >= 0, got {','.join(values)}") from None
+  if not seeds or min(seeds) < 0:
+    raise ValueError(f"--seeds must be integers >= 0, got {','.join(values)}")
+  return list(dict.fromkeys(seeds))
+
+
+def with_seed(config: ml_collections.ConfigDict, seed: int | None) -> ml_collections.ConfigDict:
+  """``config`` with ``seed`` as ``config.seed`` and, if the method takes one, ``sparse.seed``."""
+  if seed is None:
+    return config
+  config = config.copy_and_resolve_references()
+  config.seed = seed
+  if "seed" in config.sparse:
+    config.sparse.seed = seed
+  return config
 
 
 def _loaded_config() -> ml_collections.ConfigDict:
@@ -106,19 +158,27 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   config = _loaded_config()
   try:
+    seeds = parse_seeds(_SEEDS.value, sys.argv)
     train_lib.validate_config(config)
     methods = methods_to_run(config.sparse.method, _METHODS.value, _DENSE_BASELINE.value)
-    configs = [config if method == config.sparse.method else train_lib.with_method(config, method)
-               for method in methods]
+    configs = [with_seed(config if method == config.sparse.method
+                         else train_lib.with_method(config, method), seed)
+               for method in methods for seed in (seeds or [None])]
     for run_config in configs:
       train_lib.validate_config(run_config)
+    if _VALIDATE_ONLY.value:
+      resolved = [train_lib.check(run_config) for run_config in configs]
   except ValueError as e:
     fail(str(e), CONFIG_ERROR)
+  if _VALIDATE_ONLY.value:
+    for run_config in resolved:
+      print(json.dumps(run_config.to_dict()), flush=True)
+    return
   try:
     data = train_lib.load_data(config)
   except (FileNotFoundError, ValueError) as e:
     fail(str(e), DATA_ERROR)
-  directories = run_dirs(_WORKDIR.value, methods)
+  directories = run_dirs(_WORKDIR.value, methods, seeds)
   try:  # build (and check the run directory of) every run before any trains
     experiments = [train_lib.setup(run_config, data) for run_config in configs]
     for experiment, directory in zip(experiments, directories):

@@ -1,6 +1,7 @@
 """Tests of the training loop, its configs, metrics rows and exact resume, on synthetic data."""
 
 import json
+from pathlib import Path
 import shutil
 
 import chex
@@ -189,7 +190,7 @@ def test_learning_rate_schedule_warmup_and_steps():
   opt = fashion_mnist.get_config("rigl").optimizer
   opt.update(learning_rate=0.1, schedule="step", decay_epochs=[2, 3], decay_factor=0.1,
              warmup_epochs=1)
-  schedule = optimizers.learning_rate_schedule(opt, 10)
+  schedule = optimizers.learning_rate_schedule(opt, 10, 40)
   lrs = [float(schedule(step)) for step in range(40)]
   np.testing.assert_allclose(lrs[:10], 0.01 + 0.09 * np.arange(10) / 10, rtol=1e-5)
   np.testing.assert_allclose(lrs[10:20], 0.1, rtol=1e-6)
@@ -200,7 +201,7 @@ def test_learning_rate_schedule_warmup_and_steps():
 def test_weight_decay_is_l2_in_the_gradient_for_sgd():
   opt = fashion_mnist.get_config("rigl").optimizer
   opt.update(learning_rate=0.5, momentum=0.0, weight_decay=0.1)
-  tx = optimizers.make_optimizer(opt, 10)
+  tx = optimizers.make_optimizer(opt, 10, 100)
   params = {"w": np.array([2.0], np.float32)}
   updates, _ = tx.update({"w": np.array([1.0], np.float32)}, tx.init(params), params)
   np.testing.assert_allclose(updates["w"], -0.5 * (1.0 + 0.1 * 2.0))
@@ -340,3 +341,67 @@ def test_dense_optimizer_has_no_masks(data):
   assert experiment.state.tracker.eval_masks is None
   static = loop.setup(small_config("static"), data).state.opt_state
   assert optax.tree_utils.tree_get(static, "ever_active") is None
+
+
+REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not REAL_FASHION_MNIST.is_dir(), reason="Fashion-MNIST not installed")
+@pytest.mark.parametrize("method", ["rigl", "dst"])
+def test_fashion_mnist_batches_are_standardised(method):
+  """The model sees standardised inputs (mean ≈ 0, std ≈ 1), for every method."""
+  config = fashion_mnist.get_config(method)
+  config.data.data_dir = str(REAL_FASHION_MNIST)
+  config.num_epochs = 1
+  config.batch_size = 1024
+  images = loop.setup(config).pipeline.batch(0)["image"]
+  assert abs(float(images.mean())) < 0.05 and abs(float(images.std()) - 1.0) < 0.05
+  config.data.normalize = False
+  raw = loop.setup(config).pipeline.batch(0)["image"]
+  assert raw.min() >= 0.0 and raw.max() <= 1.0
+
+
+def learning_rates(data, tmp_path, **optimizer):
+  config = small_config("static", num_steps=16, log_every=1, eval_every=16)
+  config.optimizer.update(**optimizer)
+  loop.run(loop.setup(config, data), tmp_path, show_progress=False)
+  return [row["learning_rate"] for row in read_rows(tmp_path / "metrics.jsonl")]
+
+
+def test_cosine_schedule_decays_to_zero_at_the_end(data, tmp_path):
+  rates = learning_rates(data, tmp_path, schedule="cosine")
+  assert len(rates) == 16 and rates[0] == pytest.approx(0.02)
+  assert rates[-1] <= 0.01 * 0.02 and all(a > b for a, b in zip(rates, rates[1:]))
+
+
+def test_step_schedule_drops_by_the_factor_at_its_epoch(data, tmp_path):
+  # 256 examples in batches of 32: 8 steps per epoch; step s trains with schedule(s - 1).
+  rates = learning_rates(data, tmp_path, schedule="step", decay_epochs=(1,), decay_factor=0.1)
+  np.testing.assert_allclose(rates, [0.02] * 8 + [0.002] * 8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer,match", [
+    ({"decay_epochs": (1,)}, "decay_epochs = \\(1,\\) does nothing with schedule 'constant'"),
+    ({"schedule": "cosine", "decay_epochs": (1, 2)}, "at most one entry"),
+    ({"schedule": "step"}, "decay_epochs is empty"),
+    ({"schedule": "step", "decay_epochs": (1,)}, "decay_factor is needed"),
+    ({"decay_factor": 0.5}, "decay_factor = 0.5 does nothing"),
+    ({"schedule": "step", "decay_epochs": (1,), "decay_factor": 0.1, "warmup_epochs": 2},
+     "inside the warm-up"),
+])
+def test_schedule_settings_it_would_ignore_are_refused(data, optimizer, match):
+  config = small_config("static")
+  config.optimizer.update(**optimizer)
+  with pytest.raises(ValueError, match=match):
+    loop.setup(config, data)
+
+
+def test_check_builds_a_run_without_data_or_disk(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  resolved = loop.check(fashion_mnist.get_config("rigl"))
+  assert resolved.sparse.end_step == round(0.75 * 10 * (60_000 // 128))
+  assert list(tmp_path.iterdir()) == []
+  config = fashion_mnist.get_config("rigl")
+  config.data.dataset = "imagenet2012"
+  with pytest.raises(ValueError, match="config.data.dataset: the shape of dataset"):
+    loop.check(config)

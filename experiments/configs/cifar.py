@@ -31,7 +31,7 @@ def cifar_config(arg: str | None, dataset: str) -> ml_collections.ConfigDict:
     config = common.base_config(
         dataset, model, augment=True, sparse=common.sparse_config(method, alpha=5e-6),
         optimizer=common.optimizer_config(0.1, weight_decay=1e-4, schedule="step",
-                                          decay_epochs=(80, 120)),
+                                          decay_epochs=(80, 120), decay_factor=0.1),
         batch_size=64, num_epochs=160)
   else:
     config = common.base_config(
@@ -39,7 +39,8 @@ def cifar_config(arg: str | None, dataset: str) -> ml_collections.ConfigDict:
         sparse=common.sparse_config(method, distribution="er", update_every=1000,
                                     drop_fraction=0.2, alpha=5e-6),
         optimizer=common.optimizer_config(0.1, weight_decay=1e-4, schedule="step",
-                                          decay_epochs=(80, 120), warmup_epochs=5),
+                                          decay_epochs=(80, 120), decay_factor=0.1,
+                                          warmup_epochs=5),
         batch_size=128, num_epochs=200)
     config.sparse_end_fraction = 120 / 200
   return config

@@ -67,11 +67,15 @@ def optimizer_config(learning_rate: float, **keys) -> ml_collections.ConfigDict:
 
 def base_config(dataset: str, model: str, *, augment: bool,
                 sparse: ml_collections.ConfigDict, optimizer: ml_collections.ConfigDict,
-                batch_size: int, num_epochs: int) -> ml_collections.ConfigDict:
-  """A whole experiment config: the schema with this setup's values."""
+                batch_size: int, num_epochs: int, normalize: bool = True
+                ) -> ml_collections.ConfigDict:
+  """A whole experiment config: the schema with this setup's values.
+
+  Inputs are standardised per channel unless ``normalize=False``, augmented or not.
+  """
   config = schema.experiment_schema(sparse)
   config.data.update(dataset=dataset, crop_padding=4 if augment else 0, flip=augment,
-                     normalize=augment)
+                     normalize=normalize)
   config.model = model
   config.optimizer = optimizer
   config.num_epochs = num_epochs

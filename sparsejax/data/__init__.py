@@ -20,9 +20,12 @@ from sparsejax.data.pipeline import (
     preprocess,
 )
 from sparsejax.data.sources import (
+    KNOWN_SHAPES,
     ArraySource,
+    DatasetShape,
     RandomAccessSource,
     Source,
+    dataset_shape,
     load_source,
     num_classes,
     read_into_memory,
@@ -30,11 +33,14 @@ from sparsejax.data.sources import (
 
 __all__ = [
     "NORMALIZATION",
+    "KNOWN_SHAPES",
     "ArraySource",
+    "DatasetShape",
     "RandomAccessSource",
     "Source",
     "TrainPipeline",
     "crop_and_flip",
+    "dataset_shape",
     "eval_batches",
     "load_idx_dataset",
     "load_idx_split",

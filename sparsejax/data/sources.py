@@ -13,7 +13,7 @@ prepared in the ``array_record`` format without TensorFlow.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -23,6 +23,33 @@ from sparsejax.data import idx
 IN_MEMORY_LIMIT = 1 << 30
 
 _TFDS_HINT = "pip install 'sparsejax[tfds]'"
+
+
+class DatasetShape(NamedTuple):
+  """What a config needs to know of a dataset before reading it."""
+  num_train: int  # training examples
+  image_shape: tuple[int, int, int]  # H, W, C
+  num_classes: int
+
+
+KNOWN_SHAPES = {
+    "mnist": DatasetShape(60_000, (28, 28, 1), 10),
+    "fashion_mnist": DatasetShape(60_000, (28, 28, 1), 10),
+    "cifar10": DatasetShape(50_000, (32, 32, 3), 10),
+    "cifar100": DatasetShape(50_000, (32, 32, 3), 100),
+}
+
+
+def dataset_shape(name: str) -> DatasetShape:
+  """The size, image shape and class count of a known dataset, without reading it.
+
+  Raises:
+    ValueError: for a dataset not in :data:`KNOWN_SHAPES`.
+  """
+  if name not in KNOWN_SHAPES:
+    raise ValueError(f"the shape of dataset {name!r} is not known without its data; "
+                     f"known: {sorted(KNOWN_SHAPES)}")
+  return KNOWN_SHAPES[name]
 
 
 class Source(Protocol):

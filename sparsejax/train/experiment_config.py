@@ -43,7 +43,7 @@ def _validate_optimizer(opt: ml_collections.ConfigDict) -> None:
   epochs = list(opt.decay_epochs)
   _check(all(isinstance(e, (int, float)) and e > 0 for e in epochs) and epochs == sorted(epochs),
          "optimizer.decay_epochs", f"must be increasing positive numbers, got {epochs!r}")
-  _check(0 < opt.decay_factor <= 1, "optimizer.decay_factor",
+  _check(opt.decay_factor is None or 0 < opt.decay_factor <= 1, "optimizer.decay_factor",
          f"must be in (0, 1], got {opt.decay_factor!r}")
   _check(opt.warmup_epochs >= 0, "optimizer.warmup_epochs",
          f"must be >= 0, got {opt.warmup_epochs!r}")

@@ -34,7 +34,14 @@ import ml_collections
 import optax
 
 import sparsejax
-from sparsejax.data import NORMALIZATION, TrainPipeline, eval_batches, load_source, num_classes
+from sparsejax.data import (
+    NORMALIZATION,
+    TrainPipeline,
+    dataset_shape,
+    eval_batches,
+    load_source,
+    num_classes,
+)
 from sparsejax.train import experiment_config as cfg
 from sparsejax.train import flops, records
 from sparsejax.train.checkpoints import Checkpointer
@@ -99,14 +106,15 @@ def build_optimizer(config: ml_collections.ConfigDict, num_train: int
     ``(tx, sparse, num_steps, steps_per_epoch)``: ``sparse`` is the resolved section.
 
   Raises:
-    ValueError: for a bad ``batch_size`` or ``sparse`` section.
+    ValueError: for a bad ``batch_size``, schedule or ``sparse`` section.
   """
   per_epoch = cfg.steps_per_epoch(config, num_train)
   num_steps = cfg.total_steps(config, num_train)
   sparse = cfg.resolve_sparse(config.sparse, num_steps,
                               config.get("sparse_end_fraction", cfg.END_STEP_FRACTION))
+  inner = make_optimizer(config.optimizer, per_epoch, num_steps)
   try:
-    tx = sparsejax.from_config(sparse, make_optimizer(config.optimizer, per_epoch))
+    tx = sparsejax.from_config(sparse, inner)
   except (ValueError, TypeError) as e:
     raise ValueError(f"config.sparse: {e}") from e
   return tx, sparse, num_steps, per_epoch
@@ -122,6 +130,61 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
   opt_state = jax.jit(tx.init)(params)
   return TrainState(jnp.zeros((), jnp.int32), params, dict(variables), opt_state,
                     records.new_tracker(opt_state))
+
+
+def _normalization(data: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """The per-channel ``(mean, std)`` of ``data.normalize``, or ``(None, None)``."""
+  if not data.normalize:
+    return None, None
+  if data.dataset not in NORMALIZATION:
+    raise ValueError(f"config.data.normalize: no per-channel statistics for {data.dataset!r}")
+  return NORMALIZATION[data.dataset]
+
+
+def _initial_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
+                   sample: Any) -> TrainState:
+  """:func:`initial_state`, with the method's errors as config errors."""
+  try:
+    return initial_state(model, tx, seed, sample)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.sparse: {e}") from e
+
+
+def _resolved(config: ml_collections.ConfigDict, sparse: dict[str, Any]
+              ) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with the resolved ``sparse`` section (what a run records)."""
+  config = config.copy_and_resolve_references()
+  config.sparse = ml_collections.ConfigDict(sparse)
+  return config
+
+
+def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Validates ``config`` and builds its model and optimizer, without data or disk.
+
+  The dataset's size and image shape come from :func:`sparsejax.data.dataset_shape`;
+  the model and optimizer state are built abstractly (:func:`jax.eval_shape`), so
+  this takes seconds even for large models.
+
+  Args:
+    config: the experiment config.
+
+  Returns:
+    The resolved config, as :func:`setup` would record it.
+
+  Raises:
+    ValueError: for a bad config (as :func:`setup`), or a dataset of unknown shape.
+  """
+  cfg.validate_config(config)
+  try:
+    shape = dataset_shape(config.data.dataset)
+  except ValueError as e:
+    raise ValueError(f"config.data.dataset: {e}") from e
+  tx, sparse, _, _ = build_optimizer(config, shape.num_train)
+  _normalization(config.data)
+  model = get_model(config.model, shape.num_classes)
+  sample = jax.ShapeDtypeStruct((1, *shape.image_shape), jnp.float32)
+  jax.eval_shape(lambda x: _initial_state(model, tx, config.seed, x), sample)
+  return _resolved(config, sparse)
 
 
 def setup(config: ml_collections.ConfigDict, data: tuple[Any, Any] | None = None) -> Experiment:
@@ -143,25 +206,19 @@ def setup(config: ml_collections.ConfigDict, data: tuple[Any, Any] | None = None
   train_source, test_source = data if data is not None else load_data(config)
   tx, sparse, num_steps, per_epoch = build_optimizer(config, len(train_source))
   dataset = config.data.dataset
-  mean, std = NORMALIZATION.get(dataset, (None, None)) if config.data.normalize else (None, None)
-  if config.data.normalize and mean is None:
-    raise ValueError(f"config.data.normalize: no per-channel statistics for {dataset!r}")
+  mean, std = _normalization(config.data)
   pipeline = TrainPipeline(train_source, batch_size=config.batch_size, seed=config.seed,
                            crop_padding=config.data.crop_padding, flip=config.data.flip,
                            mean=mean, std=std)
   model = get_model(config.model, num_classes(dataset, config.data.data_dir))
   sample = pipeline.batch(0)["image"][:1]
-  try:
-    state = initial_state(model, tx, config.seed, sample)
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"config.sparse: {e}") from e
+  state = _initial_state(model, tx, config.seed, sample)
   positions = flops.kernel_positions(
       model, {"params": state.params, **state.model_state}, sample, train=False)
   _, dense_flops = flops.forward_flops(state.params, None, positions)
-  config = config.copy_and_resolve_references()
-  config.sparse = ml_collections.ConfigDict(sparse)
-  return Experiment(config, model, tx, state, pipeline, test_source, num_steps, per_epoch,
-                    positions, dense_flops, learning_rate_schedule(config.optimizer, per_epoch))
+  return Experiment(_resolved(config, sparse), model, tx, state, pipeline, test_source, num_steps, per_epoch,
+                    positions, dense_flops, learning_rate_schedule(config.optimizer, per_epoch,
+                                                           num_steps))
 
 
 def _apply(model: nn.Module, params: Any, model_state: Any, images: jax.Array, train: bool):

@@ -7,6 +7,8 @@ the method's name, so a newly registered method is measured like the built-in on
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+import copy
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
@@ -19,6 +21,31 @@ from sparsejax.train import flops
 
 if TYPE_CHECKING:
   from sparsejax.train.loop import Experiment, TrainState
+
+
+# Keys that do not change what a run trains: runs differing only here are one group.
+NOT_GROUPED = (("seed",), ("sparse", "seed"), ("data", "data_dir"), ("data", "download"),
+               ("log_every",), ("eval_every",), ("checkpoint_every",), ("keep_checkpoints",),
+               ("eval_batch_size",))
+
+
+def group_config(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The config without its seeds and bookkeeping keys: runs with equal ones are repeats.
+
+  Args:
+    config: a resolved experiment config as a dict (as in ``config.json``).
+
+  Returns:
+    A copy without the keys of :data:`NOT_GROUPED`.
+  """
+  out = copy.deepcopy(dict(config))
+  for path in NOT_GROUPED:
+    section = out
+    for key in path[:-1]:
+      section = section.get(key) if isinstance(section, Mapping) else None
+    if isinstance(section, dict):
+      section.pop(path[-1], None)
+  return out
 
 
 class Tracker(NamedTuple):
@@ -133,4 +160,6 @@ def summary(experiment: Experiment, state: TrainState, last_row: dict[str, Any],
       "train_flops_ratio": last_row["train_flops"] / last_row["train_flops_dense"],
       "inference_flops_ratio": last_row["inference_flops"] / last_row["inference_flops_dense"],
       "coverage": last_row.get("coverage"), "layers": last_row["layers"],
+      # Runs with the same group are repeats of one experiment (seeds aside).
+      "group": group_config(config.to_dict()),
   }

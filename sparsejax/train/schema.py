@@ -53,7 +53,7 @@ def experiment_schema(sparse: ml_collections.ConfigDict | None = None
       # step: epochs at which the rate is multiplied by decay_factor; cosine: at most
       # one entry, the epoch where it reaches 0 (default: the end of training).
       "decay_epochs": (),
-      "decay_factor": 0.1,
+      "decay_factor": config_dict.placeholder(float),  # step: the factor (e.g. 0.1)
       "warmup_epochs": 0.0,  # linear warm-up from base/warmup_steps to the base rate
   })
   config.sparse = sparse if sparse is not None else sparsejax.method_config("dense")
