@@ -495,8 +495,9 @@ def _draw_accuracy_panel(axes: Any, rows: Sequence[Mapping[str, Any]],
     if std:
       axes.axhspan(mean - std, mean + std, color="black", alpha=0.1, linewidth=0)
   for method, color in colors.items():
-    points = sorted((row["sparsity"], row) for row in rows if row["key"].method == method
-                    and row["sparsity"] is not None and row["test_accuracy"] is not None)
+    points = sorted(((row["sparsity"], row) for row in rows if row["key"].method == method
+                     and row["sparsity"] is not None and row["test_accuracy"] is not None),
+                    key=lambda point: point[0])
     if not points:
       continue
     axes.errorbar([100.0 * sparsity for sparsity, _ in points],

@@ -3,6 +3,7 @@
 import json
 import os
 from pathlib import Path
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,6 +96,9 @@ def test_bad_sparsity_is_one_line_and_touches_nothing(data_dir, tmp_path):
     (["--config.optimizer.name=lion"], "config.optimizer.name"),
     (["--config.sparse.distribution=zipf"], "config.sparse"),
     (["--methods=dense,magic"], "unknown method 'magic'"),
+    (["--config.optimizer.decay_epochs=(1,)"], "config.optimizer.decay_epochs"),
+    (["--seeds=0,1", "--config.seed=2"], "--seeds sets every seed of the run"),
+    (["--seeds=0,-1"], "--seeds must be integers >= 0"),
 ])
 def test_config_errors_are_one_line(data_dir, args, message):
   result = run_cli(f"{CONFIG}:static", *args, data_dir=data_dir)
@@ -139,6 +143,80 @@ def test_run_dirs():
   assert cli.run_dirs(None, ["rigl"]) == [None]
   assert cli.run_dirs("out", ["rigl"]) == [Path("out")]
   assert cli.run_dirs("out", ["dense", "rigl"]) == [Path("out/dense"), Path("out/rigl")]
+  assert cli.run_dirs("out", ["rigl"], [0, 1]) == [Path("out/seed0"), Path("out/seed1")]
+  assert cli.run_dirs("out", ["dense", "rigl"], [3]) == [Path("out/dense/seed3"),
+                                                        Path("out/rigl/seed3")]
+
+
+SHIPPED = ["fashion_mnist.py", "mnist.py", "cifar10.py", "cifar100.py"]
+
+
+def sequence_keys(tree, prefix=""):
+  """``(dotted key, value)`` of every tuple- or list-valued key of a config dict."""
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from sequence_keys(value, f"{prefix}{key}.")
+    elif isinstance(value, (tuple, list)):
+      yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("setup", SHIPPED)
+def test_every_sequence_key_is_overridable_with_validate_only(setup, tmp_path):
+  """Through the real CLI, without data (CIFAR's is not here) and without touching the disk."""
+  import importlib
+
+  module = importlib.import_module(f"experiments.configs.{setup[:-3]}")
+  keys = dict(sequence_keys(module.get_config().to_dict()))
+  assert keys, setup
+  args = []
+  for key, value in keys.items():
+    new = tuple(v / 2 for v in value) if value else (1,)
+    args.append(f"--config.{key}={new}")
+    if key == "optimizer.decay_epochs" and not value:  # a constant schedule takes none
+      args.append("--config.optimizer.schedule=cosine")
+    keys[key] = list(new)
+  result = run_cli(f"--config=experiments/configs/{setup}", *args, "--validate_only",
+                   f"--workdir={tmp_path / 'run'}", data_dir=tmp_path / "no-data")
+  assert result.returncode == 0, result.stderr
+  resolved = json.loads(result.stdout)
+  for key, value in keys.items():
+    section, name = key.rsplit(".", 1) if "." in key else ("", key)
+    assert (resolved[section] if section else resolved)[name] == value
+  assert not (tmp_path / "run").exists()
+
+
+def test_seeds_run_resume_and_report(data_dir, tmp_path):
+  """--seeds=0,1: two run directories, each resumable; the report averages them (n = 2)."""
+  sweep = tmp_path / "sweep"
+  args = [f"{CONFIG}:static", "--seeds=0,1", f"--workdir={sweep}", *SHORT]
+  first = run_cli(*args, data_dir=data_dir)
+  assert first.returncode == 0, first.stderr
+  runs = [sweep / "seed0", sweep / "seed1"]
+  configs = [json.loads((run / "config.json").read_text()) for run in runs]
+  assert [(c["seed"], c["sparse"]["seed"]) for c in configs] == [(0, 0), (1, 1)]
+  rows = table_rows(first.stdout)
+  assert list(rows) == ["static"] and rows["static"][3] == "2"
+  # Lose the last checkpoint and the summary of both: the same command resumes both.
+  metrics = [(run / "metrics.jsonl").read_bytes() for run in runs]
+  for run in runs:
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "20")
+  again = run_cli(*args, data_dir=data_dir)
+  assert again.returncode == 0, again.stderr
+  assert [(run / "metrics.jsonl").read_bytes() for run in runs] == metrics
+  assert again.stdout == first.stdout
+  # A run with another num_steps is another row.
+  other = run_cli(f"{CONFIG}:static", f"--workdir={tmp_path / 'short'}",
+                  *[a for a in SHORT if "num_steps" not in a], "--config.num_steps=10",
+                  data_dir=data_dir)
+  assert other.returncode == 0, other.stderr
+  report = subprocess.run([sys.executable, "-m", "experiments.report", str(sweep),
+                           str(tmp_path / "short"), f"--out={tmp_path / 'report'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert report.returncode == 0, report.stderr
+  rows = table_rows(report.stdout)
+  assert {name: row[3] for name, row in rows.items()} == {"static (num_steps=10)": "1",
+                                                          "static (num_steps=20)": "2"}
 
 
 # --- kill -9 and resume --------------------------------------------------------------------

@@ -103,3 +103,19 @@ def test_config_argument_errors():
     cifar10.get_config("foo")
   with pytest.raises(ValueError, match="unknown model 'resnet9'"):
     cifar10.get_config("rigl,resnet9")
+
+
+def test_cifar_batches_are_standardised_per_channel():
+  """(x / 255 − mean) / std per channel, after the crop and flip of the same step."""
+  from sparsejax.data import NORMALIZATION, crop_and_flip
+
+  config = cifar10.get_config("static,vgg16")
+  config.batch_size = 4
+  with mock_cifar():
+    pipeline = loop.setup(config).pipeline
+  assert pipeline.crop_padding == 4 and pipeline.flip
+  raw = pipeline.source.gather(pipeline.indices(3))["image"]
+  offsets, flips = pipeline.augmentation(3)
+  x = crop_and_flip(raw, offsets, flips, 4).astype(np.float32) / 255.0
+  mean, std = (np.asarray(v, np.float32) for v in NORMALIZATION["cifar10"])
+  np.testing.assert_allclose(pipeline.batch(3)["image"], (x - mean) / std, rtol=1e-6, atol=1e-6)

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from experiments import report
+from sparsejax.train.records import group_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -36,7 +37,7 @@ EXPECTED_ROWS = [
 ]
 
 
-def config(method: str, seed: int, nested: bool = False) -> dict:
+def config(method: str, seed: int, nested: bool = True) -> dict:
   sparse = {"method": method} if method == "dense" else {
       "method": method, "sparsity": 0.9, "distribution": "erk"}
   data = {"data": {"dataset": "fashion_mnist"}} if nested else {"dataset": "fashion_mnist"}
@@ -66,7 +67,7 @@ def metrics_rows(method: str, sparsity: float, accuracy: float, coverage: float 
 
 def write_run(directory: Path, method: str, seed: int, accuracy: float, sparsity: float,
               flops: float, coverage: float | None, finished: bool = True,
-              nested: bool = False) -> None:
+              nested: bool = True) -> None:
   directory.mkdir(parents=True)
   (directory / "config.json").write_text(json.dumps(config(method, seed, nested), indent=1))
   rows = metrics_rows(method, sparsity, accuracy, coverage)
@@ -137,7 +138,10 @@ def test_load_run_and_info(sweep):
   assert finished.finished and len(finished.metrics) == 4 and finished.summary["seed"] == 1
   unfinished = report.load_run(sweep / "rigl" / "s3")
   assert not unfinished.finished and len(unfinished.metrics) == 3
-  assert report.run_info(unfinished) == {"method": "rigl", "variant": None,
+  info = report.run_info(unfinished)
+  group = info.pop("group")
+  assert group == group_config(unfinished.config) and "seed" not in group
+  assert info == {"method": "rigl", "variant": None,
                                          "dataset": "fashion_mnist",
                                          "model": "lenet300100", "seed": 3,
                                          "target_sparsity": 0.9}
@@ -214,7 +218,7 @@ def test_group_runs_puts_finished_runs_first(sweep):
   runs = [report.load_run(p) for p in report.find_runs([sweep])]
   groups = report.group_runs(runs)
   assert [key.method for key in groups] == ["dense", "rigl", "set", "static"]
-  rigl = groups[report.GroupKey("fashion_mnist", "lenet300100", "rigl", 0.9)]
+  rigl = next(members for key, members in groups.items() if key.method == "rigl")
   assert [report.run_info(run)["seed"] for run in rigl] == [0, 1, 2, 3]
   assert [run.finished for run in rigl] == [True, True, True, False]
 
