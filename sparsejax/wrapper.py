@@ -93,7 +93,7 @@ def all_finite(tree: Any, masks: Any) -> jax.Array:
   return jnp.stack(checks).all() if checks else jnp.ones((), bool)
 
 
-def _any_leaf(masks: Any) -> jax.Array:
+def any_leaf(masks: Any) -> jax.Array:
   """Whether any masked leaf has a True entry (a bool scalar)."""
   flags = jax.tree.leaves(map_masked(lambda m: m.any(), masks))
   return jnp.stack(flags).any() if flags else jnp.zeros((), bool)
@@ -172,7 +172,7 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
           ScoreInputs(params, updates, state.masks, score_key, step, extra))
       grown = map_masked(lambda new, old: new & ~old, masks, state.masks)
       ever = map_masked(jnp.logical_or, masks, state.ever_active)
-      changed = _any_leaf(map_masked(jnp.not_equal, masks, state.masks))
+      changed = any_leaf(map_masked(jnp.not_equal, masks, state.masks))
       return masks, key, extra, reset_entries(inner, inner_state, params, grown), ever, changed
 
     def keep(key, extra, inner_state):

@@ -29,7 +29,7 @@ from sparsejax.masks import (
   masked_leaves,
   unbox,
 )
-from sparsejax.wrapper import all_finite, require_params
+from sparsejax.wrapper import all_finite, any_leaf, require_params
 
 
 class DSTState(NamedTuple):
@@ -190,8 +190,7 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
                        is_leaf=is_unmasked)
     latent = map_masked(lambda t, w: w, new_t, new_w)
     nonfinite = state.nonfinite_updates + (~finite).astype(jnp.int32)
-    changed = jnp.stack(jax.tree.leaves(
-        map_masked(lambda new, old: (new != old).any(), new_masks, state.masks))).any()
+    changed = any_leaf(map_masked(jnp.not_equal, new_masks, state.masks))
     ever = map_masked(jnp.logical_or, new_masks, state.ever_active)
     return out, DSTState(optax.safe_increment(state.step), latent, new_t, new_masks,
                          inner_state, threshold_state, nonfinite, changed,
