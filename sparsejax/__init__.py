@@ -1,7 +1,13 @@
 """sparsejax: sparse training for any Flax model through its optax chain."""
 
 from sparsejax import schedules, scores
-from sparsejax.masks import keep_small_leaves_dense, masks, summary
+from sparsejax.masks import (
+    keep_non_kernels_dense,
+    keep_non_weights_dense,
+    keep_small_leaves_dense,
+    masks,
+    summary,
+)
 from sparsejax.methods.dst import DSTState, dst, thresholds
 from sparsejax.methods.gmp import gmp
 from sparsejax.methods.prune import prune
@@ -27,6 +33,8 @@ __all__ = [
     "dst",
     "from_config",
     "gmp",
+    "keep_non_kernels_dense",
+    "keep_non_weights_dense",
     "keep_small_leaves_dense",
     "masks",
     "method_config",

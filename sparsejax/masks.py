@@ -39,20 +39,68 @@ def map_masked(fn: Callable[..., Any], masks: Any, *trees: Any) -> Any:
                       is_leaf=is_unmasked)
 
 
-def keep_small_leaves_dense(path: str, leaf: Any) -> bool:
-  """Default ``dense`` predicate: leaves with fewer than two axes (biases, scales),
-  leaves that are not floating point (integer tables, keys) and empty leaves.
+# Last key-path entries of weight matrices: Flax's (linen and nnx), Haiku's, PyTorch-style.
+KERNEL_NAMES = ("kernel", "w", "weight")
+# Last key-path entries of embedding tables (Flax's nn.Embed and nnx.Embed: "embedding").
+EMBEDDING_NAMES = ("embedding", "embeddings")
+
+
+def _is_float_matrix(leaf: Any) -> bool:
+  """Two or more axes, floating point, not empty."""
+  return (jnp.ndim(leaf) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+          and math.prod(jnp.shape(leaf)) > 0)
+
+
+def _last_name(path: str) -> str:
+  return path.rsplit("/", 1)[-1]
+
+
+def keep_non_kernels_dense(path: str, leaf: Any) -> bool:
+  """The default ``dense`` predicate: only weight matrices are sparse.
+
+  A leaf is masked when its name (the last entry of its path) is ``kernel`` (Flax:
+  ``Dense``, ``DenseGeneral``, ``Conv``, attention projections, nnx ``Linear``...),
+  ``w`` (Haiku) or ``weight`` and it is a floating-point array with two or more axes.
+  Everything else stays dense whatever its rank: biases (a Flax attention bias is
+  [heads, head_dim]), norm scales, embedding tables (see
+  :func:`keep_non_weights_dense`), positional embeddings, integer tables.
 
   Examples:
     >>> import jax.numpy as jnp, sparsejax as sj
-    >>> sj.keep_small_leaves_dense("Dense_0/bias", jnp.zeros(8))
+    >>> sj.keep_non_kernels_dense("attention/query/bias", jnp.zeros((4, 16)))
     True
-    >>> sj.keep_small_leaves_dense("Dense_0/kernel", jnp.zeros((4, 8)))
+    >>> sj.keep_non_kernels_dense("attention/query/kernel", jnp.zeros((64, 4, 16)))
+    False
+    >>> sj.keep_non_kernels_dense("Embed_0/embedding", jnp.zeros((1000, 64)))
+    True
+  """
+  return not (_last_name(path) in KERNEL_NAMES and _is_float_matrix(leaf))
+
+
+def keep_non_weights_dense(path: str, leaf: Any) -> bool:
+  """Like :func:`keep_non_kernels_dense`, but embedding tables (``embedding``) are sparse too.
+
+  Examples:
+    >>> import jax.numpy as jnp, sparsejax as sj
+    >>> sj.keep_non_weights_dense("Embed_0/embedding", jnp.zeros((1000, 64)))
+    False
+  """
+  return not (_last_name(path) in KERNEL_NAMES + EMBEDDING_NAMES and _is_float_matrix(leaf))
+
+
+def keep_small_leaves_dense(path: str, leaf: Any) -> bool:
+  """A ``dense`` predicate by shape alone, for params without Flax's names: every
+  floating-point leaf with two or more axes is masked, whatever its name.
+
+  Examples:
+    >>> import jax.numpy as jnp, sparsejax as sj
+    >>> sj.keep_small_leaves_dense("layer/b", jnp.zeros(8))
+    True
+    >>> sj.keep_small_leaves_dense("layer/anything", jnp.zeros((4, 8)))
     False
   """
   del path
-  return (jnp.ndim(leaf) < 2 or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
-          or math.prod(jnp.shape(leaf)) == 0)
+  return not _is_float_matrix(leaf)
 
 
 def key_name(key: Any) -> str | None:
@@ -76,7 +124,7 @@ def leaf_names(tree: Any) -> list[str]:
   return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def masked_leaves(params: Any, dense: DensePredicate = keep_small_leaves_dense) -> Any:
+def masked_leaves(params: Any, dense: DensePredicate = keep_non_kernels_dense) -> Any:
   """Pytree like ``params``: True where a leaf is masked, False where it stays dense.
 
   Raises:
@@ -84,12 +132,14 @@ def masked_leaves(params: Any, dense: DensePredicate = keep_small_leaves_dense) 
   """
   flags = jax.tree_util.tree_map_with_path(lambda p, x: not dense(path_name(p), x), params)
   if not any(jax.tree.leaves(flags)):
-    raise ValueError("the `dense` predicate keeps every parameter dense: nothing to sparsify")
+    raise ValueError("the `dense` predicate keeps every parameter dense: nothing to sparsify "
+                     "(by default only leaves named kernel, w or weight with 2+ axes are "
+                     "masked; dense=sparsejax.keep_small_leaves_dense masks any 2+-D leaf)")
   return flags
 
 
 def nnz_targets(params: Any, sparsity: float, distribution: str | Mapping[str, float],
-                dense: DensePredicate = keep_small_leaves_dense) -> Any:
+                dense: DensePredicate = keep_non_kernels_dense) -> Any:
   """Target non-zero count of every masked leaf (None for dense leaves).
 
   Args:

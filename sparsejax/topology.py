@@ -32,7 +32,7 @@ def random_init(sparsity: float, distribution: str | Mapping[str, float],
 
   Examples:
     >>> import jax, jax.numpy as jnp, sparsejax as sj
-    >>> init = sj.random_init(0.75, "uniform", sj.keep_small_leaves_dense)
+    >>> init = sj.random_init(0.75, "uniform", sj.keep_non_kernels_dense)
     >>> masks = init({"w": jnp.ones((4, 8)), "b": jnp.zeros(8)}, jax.random.PRNGKey(0))
     >>> masks["b"], int(masks["w"].sum())
     (None, 8)
@@ -86,7 +86,7 @@ def drop_and_grow(drop_score: ScoreFn, grow_score: ScoreFn, drop_fraction: optax
     >>> import sparsejax as sj
     >>> update = sj.drop_and_grow(sj.scores.magnitude, sj.scores.random_uniform,
     ...                           lambda step: 0.5)
-    >>> topology = sj.Topology(sj.random_init(0.9, "erk", sj.keep_small_leaves_dense),
+    >>> topology = sj.Topology(sj.random_init(0.9, "erk", sj.keep_non_kernels_dense),
     ...                        is_update_step=sj.schedules.update_steps(100, 0, 1000),
     ...                        update_masks=update)
   """

@@ -20,7 +20,7 @@ from sparsejax.train.logs import read_rows
 
 
 def toy(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
-        update_every: int = 3, seed: int = 0, dense=sj.keep_small_leaves_dense):
+        update_every: int = 3, seed: int = 0, dense=sj.keep_non_kernels_dense):
   """Drop by magnitude, grow at random, every ``update_every`` steps (half the weights)."""
   topology = sj.Topology(
       init_masks=sj.random_init(sparsity, "uniform", dense),

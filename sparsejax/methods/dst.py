@@ -1,11 +1,13 @@
 """DST (Liu et al., ICLR 2020): trainable per-neuron thresholds, long-tailed estimator.
 
-Each masked leaf W has a threshold vector t over its last axis (output units) and
-uses M = 1[|W| − t > 0]. The latent dense W and t live in the optimizer state; the
-params hold W ⊙ M. From g = ∂L/∂(W ⊙ M) the step's estimator gives
+Each masked leaf W has one threshold per output unit: t covers W's trailing output
+axes (the last axis of a Dense or Conv kernel; heads × head_dim of an attention
+query/key/value kernel) and is broadcast over its input axes in M = 1[|W| − t > 0].
+The latent dense W and t live in the optimizer state; the params hold W ⊙ M. From
+g = ∂L/∂(W ⊙ M) the step's estimator gives
 
   ∂L/∂W = g ⊙ M + g ⊙ W ⊙ H(|W| − t) ⊙ sign(W)
-  ∂L/∂t = −Σ_{all axes but last} g ⊙ W ⊙ H(|W| − t) − α·exp(−t)
+  ∂L/∂t = −Σ_{input axes} g ⊙ W ⊙ H(|W| − t) − α·exp(−t)
 
 (the last term is the gradient of the regulariser α·Σ exp(−t)). The inner optimizer
 updates W (and the dense leaves), a second instance of it (or ``threshold_optimizer``)
@@ -15,6 +17,7 @@ thresholds reset to 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -24,9 +27,10 @@ import optax
 from sparsejax.masks import (
   DensePredicate,
   is_unmasked,
-  keep_small_leaves_dense,
+  keep_non_kernels_dense,
   map_masked,
   masked_leaves,
+  path_name,
   unbox,
 )
 from sparsejax.wrapper import all_finite, any_leaf, require_params
@@ -53,7 +57,7 @@ def long_tailed_estimator(x: jax.Array) -> jax.Array:
 
 
 def threshold_masks(weights: Any, thresholds: Any) -> Any:
-  """M = 1[|W| − t > 0] per masked leaf (t broadcast over all axes but the last)."""
+  """M = 1[|W| − t > 0] per masked leaf (t broadcast over the input axes)."""
   return map_masked(lambda t, w: jnp.abs(w) - t > 0, thresholds, weights)
 
 
@@ -63,9 +67,35 @@ def weight_grad(g: jax.Array, w: jax.Array, t: jax.Array, m: jax.Array) -> jax.A
 
 
 def threshold_grad(g: jax.Array, w: jax.Array, t: jax.Array, alpha: float) -> jax.Array:
-  """∂L/∂t = −Σ_{all axes but last} g ⊙ W ⊙ H(|W| − t) − α·exp(−t)."""
+  """∂L/∂t = −Σ_{input axes} g ⊙ W ⊙ H(|W| − t) − α·exp(−t); t spans W's last t.ndim axes."""
   h = long_tailed_estimator(jnp.abs(w) - t)
-  return -jnp.sum(g * w * h, axis=tuple(range(w.ndim - 1))) - alpha * jnp.exp(-t)
+  return -jnp.sum(g * w * h, axis=tuple(range(w.ndim - t.ndim))) - alpha * jnp.exp(-t)
+
+
+# Flax's attention projections whose kernels are [d_model, heads, head_dim] (linen's
+# MultiHeadDotProductAttention and nnx's MultiHeadAttention name them so).
+MULTI_OUTPUT_MODULES = ("query", "key", "value")
+
+
+def flax_output_axes(path: str, leaf: Any) -> int:
+  """How many trailing axes of a kernel index its output units (the default of :func:`dst`).
+
+  2 for a 3-D kernel of a module named ``query``, ``key`` or ``value`` (Flax's
+  attention projections, [d_model, heads, head_dim]: one threshold per head and
+  feature), else 1 (Dense [in, out], Conv [..., in, out], the attention ``out``
+  projection [heads, head_dim, d_model]).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sparsejax.methods.dst import flax_output_axes
+    >>> flax_output_axes("block/attention/query/kernel", jnp.zeros((64, 4, 16)))
+    2
+    >>> flax_output_axes("block/attention/out/kernel", jnp.zeros((4, 16, 64)))
+    1
+  """
+  parts = path.split("/")
+  module = parts[-2] if len(parts) > 1 else ""
+  return 2 if module in MULTI_OUTPUT_MODULES and jnp.ndim(leaf) == 3 else 1
 
 
 def _latent_dtype(dtype: Any) -> Any:
@@ -92,8 +122,9 @@ def _with_placeholders(thresholds: Any) -> Any:
 
 def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
         recovery_density: float = 0.01,
-        dense: DensePredicate = keep_small_leaves_dense,
-        threshold_optimizer: optax.GradientTransformation | None = None
+        dense: DensePredicate = keep_non_kernels_dense,
+        threshold_optimizer: optax.GradientTransformation | None = None,
+        output_axes: Callable[[str, Any], int] = flax_output_axes
         ) -> optax.GradientTransformationExtraArgs:
   """Dynamic Sparse Training with trainable masked layers.
 
@@ -117,6 +148,9 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
     recovery_density: a leaf at or below this density gets its thresholds reset to 0.
     dense: predicate ``(path, leaf) -> bool`` of leaves kept dense.
     threshold_optimizer: the optimizer of the thresholds; None for ``inner``.
+    output_axes: ``(path, leaf) -> n``: the last ``n`` axes of a masked leaf index its
+      output units and get one threshold each (:func:`flax_output_axes`: Flax's
+      attention query/key/value kernels 2, every other kernel 1).
 
   Returns:
     An optax transformation with a :class:`DSTState`; ``update`` needs ``params``.
@@ -150,8 +184,9 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
     weights = jax.tree.map(
         lambda p, f: jnp.array(p, _latent_dtype(jnp.result_type(p)), copy=True) if f else None,
         params, flags)
-    thresholds = jax.tree.map(lambda p, f: jnp.zeros(jnp.shape(p)[-1:], jnp.float32)
-                              if f else None, params, flags)
+    thresholds = jax.tree_util.tree_map_with_path(
+        lambda path, p, f: jnp.zeros(_output_shape(path_name(path), p), jnp.float32)
+        if f else None, params, flags)
     masks = threshold_masks(weights, thresholds)
     return DSTState(step=jnp.zeros((), jnp.int32), weights=weights, thresholds=thresholds,
                     masks=masks, inner_state=inner.init(_params_shaped(weights, params)),
@@ -196,6 +231,13 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
                          inner_state, threshold_state, nonfinite, changed,
                          jnp.ones((), bool), ever)
 
+  def _output_shape(path, p):
+    n = output_axes(path, p)
+    if not 1 <= n < jnp.ndim(p):
+      raise ValueError(f"output_axes of {path!r} (shape {jnp.shape(p)}) must be in "
+                       f"[1, {jnp.ndim(p) - 1}], got {n}")
+    return jnp.shape(p)[-n:]
+
   def _recover(t, w):
     density = jnp.mean(jnp.abs(w) - t > 0)
     return jnp.where(density <= recovery_density, jnp.zeros_like(t), t)
@@ -211,7 +253,7 @@ def thresholds(opt_state: optax.OptState) -> Any:
     opt_state: a DST state, possibly nested or boxed by ``flax.nnx.Optimizer``.
 
   Returns:
-    A pytree like the params: a vector per masked leaf (one entry per output unit),
+    A pytree like the params: an array per masked leaf (one entry per output unit),
     None for dense leaves.
 
   Examples:

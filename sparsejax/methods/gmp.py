@@ -11,7 +11,7 @@ import optax
 from sparsejax import distributions, schedules
 from sparsejax.masks import (
   DensePredicate,
-  keep_small_leaves_dense,
+  keep_non_kernels_dense,
   map_masked,
   masked_leaves,
   nnz_targets,
@@ -24,7 +24,7 @@ from sparsejax.wrapper import Topology, sparse_wrapper
 def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
         initial_sparsity: float = 0.0, start_step: int = 0, update_every: int = 100,
         distribution: str | Mapping[str, float] = "uniform",
-        dense: DensePredicate = keep_small_leaves_dense
+        dense: DensePredicate = keep_non_kernels_dense
         ) -> optax.GradientTransformationExtraArgs:
   """Prunes the smallest-magnitude active weights every ``update_every`` steps.
 

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sparsejax.masks import DensePredicate, keep_small_leaves_dense, map_masked, nnz_targets
+from sparsejax.masks import DensePredicate, keep_non_kernels_dense, map_masked, nnz_targets
 from sparsejax.selection import top_k_mask
 from sparsejax.wrapper import apply_masks
 
@@ -17,7 +17,7 @@ CRITERIA = ("magnitude", "snip")
 
 def prune(params: Any, *, sparsity: float, criterion: str = "magnitude", grads: Any = None,
           distribution: str | Mapping[str, float] = "uniform",
-          dense: DensePredicate = keep_small_leaves_dense) -> tuple[Any, Any]:
+          dense: DensePredicate = keep_non_kernels_dense) -> tuple[Any, Any]:
   """Keeps, per masked leaf, the weights with the highest saliency.
 
   Args:

@@ -7,14 +7,14 @@ from collections.abc import Mapping
 import optax
 
 from sparsejax import distributions
-from sparsejax.masks import DensePredicate, keep_small_leaves_dense
+from sparsejax.masks import DensePredicate, keep_non_kernels_dense
 from sparsejax.topology import random_init
 from sparsejax.wrapper import Topology, sparse_wrapper
 
 
 def static_sparse(inner: optax.GradientTransformation, *, sparsity: float,
                   distribution: str | Mapping[str, float] = "erk",
-                  dense: DensePredicate = keep_small_leaves_dense,
+                  dense: DensePredicate = keep_non_kernels_dense,
                   seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Trains with a fixed random mask.
 

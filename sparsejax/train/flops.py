@@ -1,7 +1,8 @@
 """Training and inference FLOPs of a Flax model with masked kernels.
 
 The accounting of the RigL paper (Evci et al. 2020, appendix H): only the
-multiply-adds of kernels (``nn.Dense``, ``nn.Conv``) count, one multiply-add is 2
+multiply-adds of kernels (``Dense``, ``DenseGeneral`` and attention projections,
+``Conv``; linen or nnx) count (not attention's own dot products), one multiply-add is 2
 FLOPs, and elementwise work (biases, activations, normalisation) is ignored. A kernel
 applied at ``P`` output positions per example (1 for a ``Dense`` on a flat input,
 H'·W' for a convolution) costs ``2·P·nnz`` FLOPs forward. A training step costs the
@@ -31,11 +32,19 @@ import jax.numpy as jnp
 from sparsejax.masks import is_unmasked, path_name
 
 
+def _units(features: Any) -> int:
+  """Output units of a layer's ``features`` (an int, or a tuple for DenseGeneral)."""
+  return math.prod(features) if isinstance(features, (tuple, list)) else int(features)
+
+
 def kernel_positions(model: nn.Module, variables: Any, *args: Any, **kwargs: Any
                      ) -> dict[str, int]:
-  """Output positions per example of every ``Dense``/``Conv`` kernel of ``model``.
+  """Output positions per example of every kernel of a ``flax.linen`` model.
 
-  Traced abstractly with :func:`jax.eval_shape`: nothing is computed.
+  Every layer with ``features`` and a ``kernel`` param counts: ``Dense``,
+  ``DenseGeneral`` (attention projections included), ``Conv``, ``ConvTranspose``. A
+  layer applied several times (shared weights) adds its positions up. Traced
+  abstractly with :func:`jax.eval_shape`: nothing is computed.
 
   Args:
     model: a ``flax.linen`` module.
@@ -52,13 +61,55 @@ def kernel_positions(model: nn.Module, variables: Any, *args: Any, **kwargs: Any
   def record(next_fun, call_args, call_kwargs, context):
     out = next_fun(*call_args, **call_kwargs)
     module = context.module
-    if context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.Conv)):
-      batch, features = out.shape[0], out.shape[-1]
-      positions["/".join(module.path) + "/kernel"] = out.size // (batch * features)
+    features = getattr(module, "features", None)
+    if (context.method_name == "__call__" and features is not None
+        and module.has_variable("params", "kernel")):
+      name = "/".join(module.path) + "/kernel"
+      positions[name] = positions.get(name, 0) + out.size // (out.shape[0] * _units(features))
     return out
 
   with nn.intercept_methods(record):
     jax.eval_shape(lambda v: model.apply(v, *args, **kwargs), variables)
+  return positions
+
+
+def nnx_kernel_positions(model: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
+  """:func:`kernel_positions` of a ``flax.nnx`` model: its ``Linear``, ``LinearGeneral``
+  (attention projections included), ``Conv`` and ``ConvTranspose`` layers.
+
+  Args:
+    model: a ``flax.nnx`` module.
+    *args: its inputs, batch first.
+    **kwargs: its keyword arguments.
+
+  Returns:
+    ``{"blocks/0/attention/query/kernel": positions, ...}`` keyed like the paths of
+    ``nnx.state(model, nnx.Param)``.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  paths = {id(node): "/".join(map(str, path)) for path, node in nnx.iter_graph(model)
+           if isinstance(node, nnx.Module)}
+  positions: dict[str, int] = {}
+  layers = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose)
+  originals = {layer: layer.__call__ for layer in layers}
+
+  def recording(original):
+    def call(self, *call_args, **call_kwargs):
+      out = original(self, *call_args, **call_kwargs)
+      name = paths.get(id(self), "") + "/kernel"
+      positions[name] = (positions.get(name, 0)
+                         + out.size // (out.shape[0] * _units(self.out_features)))
+      return out
+    return call
+
+  try:
+    for layer, original in originals.items():
+      layer.__call__ = recording(original)
+    jax.eval_shape(lambda *a: model(*a, **kwargs), *args)
+  finally:
+    for layer, original in originals.items():
+      layer.__call__ = original
   return positions
 
 
