@@ -1,10 +1,10 @@
-"""Flax models of the sparse-training literature: LeNets (MNIST) and VGG / ResNet / WRN (CIFAR).
+"""Flax models of the sparse-training literature: LeNets and a ViT (MNIST), VGG / ResNet / WRN (CIFAR).
 
 Every model is called as ``model.apply(variables, x, train=False)``. The CIFAR models have
 BatchNorm (PyTorch's defaults: momentum 0.1, i.e. Flax ``momentum=0.9``, epsilon 1e-5), so a train
 step calls ``model.apply({"params": p, "batch_stats": s}, x, train=True, mutable=["batch_stats"])``.
-All weights are plain ``nn.Conv`` ([kh, kw, c_in, c_out]) and ``nn.Dense`` ([n_in, n_out]) kernels,
-so sparsejax's masks (every leaf with ndim >= 2) cover them. A convolution or dense layer followed
+All weights are ``kernel`` leaves (``nn.Conv`` [kh, kw, c_in, c_out], ``nn.Dense`` [n_in, n_out],
+the ViT's attention projections), which sparsejax masks by default. A convolution or dense layer followed
 by BatchNorm has no bias: BatchNorm subtracts it again, so its gradient is exactly 0 in training.
 """
 
@@ -206,6 +206,47 @@ class WideResNet(nn.Module):
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
+class _EncoderBlock(nn.Module):
+  """A pre-LayerNorm transformer block: self-attention, then a GELU MLP, each residual."""
+  heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attention")(
+        nn.LayerNorm()(x))
+    h = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(nn.LayerNorm()(x)))
+    return x + nn.Dense(x.shape[-1], name="mlp_out")(h)
+
+
+class ViT(nn.Module):
+  """A Vision Transformer (Dosovitskiy et al. 2021): patch embedding, class token, learned
+  positional embedding, pre-LayerNorm blocks, a linear head on the class token.
+
+  The patch embedding is a ``patch × patch`` convolution with stride ``patch``; no
+  dropout.
+  """
+  num_classes: int = 10
+  patch: int = 7
+  width: int = 64
+  depth: int = 4
+  heads: int = 4
+  mlp_dim: int = 128
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train  # no BatchNorm or dropout
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=self.patch, padding="VALID",
+                name="patch_embedding")(x)
+    x = x.reshape((x.shape[0], -1, self.width))
+    cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), x.shape[1:])
+    for i in range(self.depth):
+      x = _EncoderBlock(self.heads, self.mlp_dim, name=f"block_{i}")(x)
+    return nn.Dense(self.num_classes, name="head")(nn.LayerNorm()(x[:, 0]))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet300100": LeNet300100,
     "lenet5": LeNet5Caffe,
@@ -218,6 +259,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet56": functools.partial(ResNet, depth=56),
     "wrn16_8": functools.partial(WideResNet, depth=16, width=8),
     "wrn28_8": functools.partial(WideResNet, depth=28, width=8),
+    # For [N, 28, 28, 1] images: 16 patches of 7×7, width 64, 4 blocks of 4 heads.
+    "vit": ViT,
 }
 
 
@@ -225,7 +268,7 @@ def get_model(name: str, num_classes: int = 10) -> nn.Module:
   """The model called ``name``.
 
   Args:
-    name: one of ``MODELS``: "lenet300100" and "lenet5" for [N, 28, 28, 1] images; "vgg16",
+    name: one of ``MODELS``: "lenet300100", "lenet5" and "vit" for [N, 28, 28, 1] images; "vgg16",
       "vgg16_quarter", "resnet56", "wrn16_8" and "wrn28_8" for [N, 32, 32, 3] images.
     num_classes: size of the output layer.
 
