@@ -31,6 +31,40 @@ def check_distribution(distribution) -> None:
         "mapping from parameter path to sparsity")
 
 
+# Flax's attention projections (linen MultiHeadDotProductAttention, nnx MultiHeadAttention):
+# query/key/value kernels are [d_model, heads, head_dim], the out kernel [heads, head_dim, d_model].
+ATTENTION_INPUT_PROJECTIONS = ("query", "key", "value")
+ATTENTION_OUTPUT_PROJECTION = "out"
+
+
+def attention_split(path: str, shape: Sequence[int]) -> int | None:
+  """How many leading axes of a Flax attention projection kernel index its inputs.
+
+  Args:
+    path: the leaf's path, e.g. ``"block_0/attention/query/kernel"``.
+    shape: its shape.
+
+  Returns:
+    1 for a 3-D ``query``/``key``/``value`` kernel, 2 for a 3-D ``out`` kernel, None
+    for any other leaf (the module is the path's second-to-last entry).
+  """
+  parts = path.split("/")
+  module = parts[-2] if len(parts) > 1 else ""
+  if len(shape) != 3:
+    return None
+  if module in ATTENTION_INPUT_PROJECTIONS:
+    return 1
+  return 2 if module == ATTENTION_OUTPUT_PROJECTION else None
+
+
+def _as_kernel(path: str, shape: Sequence[int]) -> tuple[int, ...]:
+  """An attention projection as the [fan_in, fan_out] matrix it is; other shapes unchanged."""
+  split = attention_split(path, shape)
+  if split is None:
+    return tuple(shape)
+  return (math.prod(shape[:split]), math.prod(shape[split:]))
+
+
 def _raw_density(shape: Sequence[int], distribution: str) -> float:
   """Unscaled ER/ERK density of a leaf (RigL's ``sparse_utils``).
 
@@ -109,7 +143,10 @@ def allocate_nnz_by_name(names: Sequence[str], shapes: Sequence[Sequence[int]],
   """Like :func:`allocate_nnz`, also accepting a mapping ``{path: sparsity}``.
 
   With a mapping, each named leaf gets its own sparsity and every unnamed masked
-  leaf gets ``sparsity``.
+  leaf gets ``sparsity``. ER and ERK treat Flax's 3-D attention projection kernels
+  (:func:`attention_split`) as the [fan_in, fan_out] matrices they are, so a
+  [d_model, heads, head_dim] query kernel gets the density of a [d_model, d_model]
+  Dense kernel.
 
   Args:
     names: path of each masked leaf, e.g. ``"Dense_0/kernel"``.
@@ -123,7 +160,11 @@ def allocate_nnz_by_name(names: Sequence[str], shapes: Sequence[Sequence[int]],
   check_sparsity(sparsity)
   check_distribution(distribution)
   if not isinstance(distribution, Mapping):
-    return allocate_nnz(shapes, sparsity, distribution)
+    if distribution == "uniform":
+      return allocate_nnz(shapes, sparsity, distribution)
+    # ER/ERK see an attention projection as the [fan_in, fan_out] matrix it is.
+    kernels = [_as_kernel(name, shape) for name, shape in zip(names, shapes)]
+    return allocate_nnz(kernels, sparsity, distribution)
   unknown = sorted(set(distribution) - set(names))
   if unknown:
     raise ValueError(f"distribution names {unknown} that are not masked parameters; "

@@ -181,3 +181,19 @@ def test_flops_of_a_one_block_transformer_by_hand(nnx_model):
                        else None, variables["params"])
   sparse, _ = flops.forward_flops(variables["params"], masks, positions)
   assert float(sparse) == one_block_forward_flops() / 2
+
+
+@pytest.mark.parametrize("distribution", ["er", "erk"])
+def test_er_and_erk_see_attention_projections_as_matrices(distribution):
+  from sparsejax.distributions import allocate_nnz_by_name
+
+  names = ["attention/query/kernel", "attention/out/kernel", "Dense_0/kernel", "conv/kernel"]
+  shapes = [(64, 4, 16), (4, 16, 64), (64, 64), (3, 3, 64)]
+  counts = allocate_nnz_by_name(names, shapes, 0.9, distribution)
+  # All three are 64 × 64 matrices: equal shares, up to the largest-remainder rounding.
+  assert max(counts[:3]) - min(counts[:3]) <= 1
+  assert sum(counts) == round(0.1 * sum(np.prod(s) for s in shapes))
+  # Unsplit, the query kernel would count as [4, 16] (ER) or a 3-D conv (ERK).
+  unsplit = allocate_nnz_by_name(["q", "Dense_0/kernel"], [(64, 4, 16), (64, 64)], 0.9,
+                                 distribution)
+  assert abs(unsplit[0] - unsplit[1]) > 1

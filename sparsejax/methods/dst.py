@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsejax.distributions import attention_split
 from sparsejax.masks import (
   DensePredicate,
   is_unmasked,
@@ -72,18 +73,14 @@ def threshold_grad(g: jax.Array, w: jax.Array, t: jax.Array, alpha: float) -> ja
   return -jnp.sum(g * w * h, axis=tuple(range(w.ndim - t.ndim))) - alpha * jnp.exp(-t)
 
 
-# Flax's attention projections whose kernels are [d_model, heads, head_dim] (linen's
-# MultiHeadDotProductAttention and nnx's MultiHeadAttention name them so).
-MULTI_OUTPUT_MODULES = ("query", "key", "value")
-
-
 def flax_output_axes(path: str, leaf: Any) -> int:
   """How many trailing axes of a kernel index its output units (the default of :func:`dst`).
 
   2 for a 3-D kernel of a module named ``query``, ``key`` or ``value`` (Flax's
   attention projections, [d_model, heads, head_dim]: one threshold per head and
-  feature), else 1 (Dense [in, out], Conv [..., in, out], the attention ``out``
-  projection [heads, head_dim, d_model]).
+  feature; see :func:`sparsejax.distributions.attention_split`), else 1 (Dense
+  [in, out], Conv [..., in, out], the attention ``out`` projection
+  [heads, head_dim, d_model]).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -93,9 +90,8 @@ def flax_output_axes(path: str, leaf: Any) -> int:
     >>> flax_output_axes("block/attention/out/kernel", jnp.zeros((4, 16, 64)))
     1
   """
-  parts = path.split("/")
-  module = parts[-2] if len(parts) > 1 else ""
-  return 2 if module in MULTI_OUTPUT_MODULES and jnp.ndim(leaf) == 3 else 1
+  split = attention_split(path, jnp.shape(leaf))
+  return 1 if split is None else jnp.ndim(leaf) - split
 
 
 def _latent_dtype(dtype: Any) -> Any:
