@@ -64,6 +64,7 @@ def test_every_method_and_model_builds(setup, method, mnist_dir):
 
 @pytest.mark.parametrize("setup,model,method", [
     ("fashion_mnist", "lenet5", "rigl"),
+    ("fashion_mnist", "vit", "dst"),
     ("mnist", "lenet300100", "dst"),
     ("mnist", "lenet5", "set"),
     ("cifar10", "vgg16", "static"),

@@ -11,9 +11,10 @@ import numpy as np
 import optax
 import pytest
 
+from sparsejax.masks import masked_leaves
 from sparsejax.train.models import MODELS, ResNet, WideResNet, get_model
 
-LENETS = ("lenet300100", "lenet5")
+LENETS = ("lenet300100", "lenet5", "vit")  # the 28 × 28 models (the ViT included)
 CIFAR = ("vgg16", "vgg16_quarter", "resnet56", "wrn16_8", "wrn28_8")
 KEY = jax.random.PRNGKey(0)
 
@@ -43,6 +44,13 @@ def bn(c: int) -> int:
 
 def dense(n_in: int, n_out: int, bias: bool = True) -> int:
   return n_in * n_out + (n_out if bias else 0)
+
+
+def vit_count(num_classes: int, patch=7, width=64, depth=4, mlp=128, tokens=17) -> int:
+  attention = 4 * dense(width, width)  # query, key, value, out (biases [heads, head_dim] or [d])
+  block = 2 * bn(width) + attention + dense(width, mlp) + dense(mlp, width)  # two LayerNorms
+  return (conv(patch, 1, width) + width + width + tokens * width + depth * block + bn(width)
+          + dense(width, num_classes))
 
 
 def vgg_count(widths, head, head_bn: bool, num_classes: int) -> int:
@@ -75,13 +83,15 @@ EXPECTED = {
     "lenet300100": lambda nc: dense(784, 300) + dense(300, 100) + dense(100, nc),
     "lenet5": lambda nc: (conv(5, 1, 20) + 20 + conv(5, 20, 50) + 50 + dense(800, 500)
                           + dense(500, nc)),
+    "vit": vit_count,
     "vgg16": lambda nc: vgg_count(VGG16, (512,), True, nc),
     "vgg16_quarter": lambda nc: vgg_count(tuple(w // 4 for w in VGG16), (512, 512), False, nc),
     "resnet56": lambda nc: resnet_count(56, nc),
     "wrn16_8": lambda nc: wrn_count(16, 8, nc),
     "wrn28_8": lambda nc: wrn_count(28, 8, nc),
 }
-EXPECTED_10_CLASSES = {"lenet300100": 266_610, "lenet5": 431_080, "vgg16": 14_987_210,
+EXPECTED_10_CLASSES = {"lenet300100": 266_610, "lenet5": 431_080, "vit": 139_018,
+                       "vgg16": 14_987_210,
                        "vgg16_quarter": 1_255_674, "resnet56": 853_018, "wrn16_8": 10_961_370,
                        "wrn28_8": 23_354_842}
 
@@ -116,14 +126,17 @@ def test_param_counts(name):
 @pytest.mark.parametrize("name", LENETS + CIFAR)
 def test_kernels_are_masked_leaves_and_batch_stats_exist_with_batch_norm(name):
   variables = abstract_variables(name)
-  for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]):
+  masked = masked_leaves(variables["params"])
+  for (path, leaf), flag in zip(jax.tree_util.tree_leaves_with_path(variables["params"]),
+                                jax.tree.leaves(masked)):
     is_kernel = path[-1].key == "kernel"
-    assert (leaf.ndim >= 2) == is_kernel, (path, leaf.shape)
-    assert leaf.ndim in ((2, 4) if is_kernel else (1,))
+    assert flag == is_kernel, (path, leaf.shape)
+    if name != "vit":  # the ViT has 2-D attention biases and positional embeddings
+      assert leaf.ndim in ((2, 4) if is_kernel else (1,))
   bn_modules = {path[:-1] for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"])
                 if path[-1].key == "scale"}
   if name in LENETS:
-    assert set(variables) == {"params"} and not bn_modules
+    assert set(variables) == {"params"} and (not bn_modules or name == "vit")
   else:
     assert set(variables) == {"params", "batch_stats"}
     stats = jax.tree_util.tree_leaves_with_path(variables["batch_stats"])
