@@ -68,7 +68,10 @@ def weight_grad(g: jax.Array, w: jax.Array, t: jax.Array, m: jax.Array) -> jax.A
 
 
 def threshold_grad(g: jax.Array, w: jax.Array, t: jax.Array, alpha: float) -> jax.Array:
-  """∂L/∂t = −Σ_{input axes} g ⊙ W ⊙ H(|W| − t) − α·exp(−t); t spans W's last t.ndim axes."""
+  """∂L/∂t = −Σ_{input axes} g ⊙ W ⊙ H(|W| − t) − α·exp(−t).
+
+  ``t`` spans the last ``t.ndim`` axes of ``w`` (its output units); the others are inputs.
+  """
   h = long_tailed_estimator(jnp.abs(w) - t)
   return -jnp.sum(g * w * h, axis=tuple(range(w.ndim - t.ndim))) - alpha * jnp.exp(-t)
 

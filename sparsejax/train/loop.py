@@ -216,9 +216,9 @@ def setup(config: ml_collections.ConfigDict, data: tuple[Any, Any] | None = None
   positions = flops.kernel_positions(
       model, {"params": state.params, **state.model_state}, sample, train=False)
   _, dense_flops = flops.forward_flops(state.params, None, positions)
-  return Experiment(_resolved(config, sparse), model, tx, state, pipeline, test_source, num_steps, per_epoch,
-                    positions, dense_flops, learning_rate_schedule(config.optimizer, per_epoch,
-                                                           num_steps))
+  schedule = learning_rate_schedule(config.optimizer, per_epoch, num_steps)
+  return Experiment(_resolved(config, sparse), model, tx, state, pipeline, test_source,
+                    num_steps, per_epoch, positions, dense_flops, schedule)
 
 
 def _apply(model: nn.Module, params: Any, model_state: Any, images: jax.Array, train: bool):

@@ -1,11 +1,12 @@
-"""Flax models of the sparse-training literature: LeNets and a ViT (MNIST), VGG / ResNet / WRN (CIFAR).
+"""Flax models of sparse training: LeNets and a ViT (MNIST), VGG / ResNet / WRN (CIFAR).
 
 Every model is called as ``model.apply(variables, x, train=False)``. The CIFAR models have
 BatchNorm (PyTorch's defaults: momentum 0.1, i.e. Flax ``momentum=0.9``, epsilon 1e-5), so a train
 step calls ``model.apply({"params": p, "batch_stats": s}, x, train=True, mutable=["batch_stats"])``.
 All weights are ``kernel`` leaves (``nn.Conv`` [kh, kw, c_in, c_out], ``nn.Dense`` [n_in, n_out],
-the ViT's attention projections), which sparsejax masks by default. A convolution or dense layer followed
-by BatchNorm has no bias: BatchNorm subtracts it again, so its gradient is exactly 0 in training.
+the ViT's attention projections), which sparsejax masks by default. A convolution or dense
+layer followed by BatchNorm has no bias: BatchNorm subtracts it again, so its gradient is
+exactly 0 in training.
 """
 
 from __future__ import annotations

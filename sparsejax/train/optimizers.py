@@ -1,4 +1,4 @@
-"""The inner optimizer and learning-rate schedule of an experiment config's ``optimizer`` section."""
+"""The inner optimizer and learning-rate schedule of a config's ``optimizer`` section."""
 
 from __future__ import annotations
 
