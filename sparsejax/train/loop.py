@@ -78,10 +78,6 @@ class Experiment(NamedTuple):
   def method(self) -> str:
     return self.config.sparse.method
 
-  @property
-  def is_dense(self) -> bool:
-    return self.method == "dense"
-
 
 def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
   """The train and test sources of ``config.data``.
