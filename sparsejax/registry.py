@@ -115,6 +115,16 @@ def _entry(name: str) -> MethodEntry:
   return _REGISTRY[name]
 
 
+def required_keywords(name: str) -> tuple[str, ...]:
+  """The keywords method ``name`` has no default for (e.g. RigL's ``sparsity``, ``end_step``).
+
+  Raises:
+    ValueError: for an unknown method.
+  """
+  parameters = list(inspect.signature(_entry(name).factory).parameters.values())[1:]
+  return tuple(p.name for p in parameters if p.default is inspect.Parameter.empty)
+
+
 def method_config(name: str) -> ml_collections.ConfigDict:
   """The config section of method ``name``: ``method`` and its keywords, typed and locked.
 
@@ -186,15 +196,14 @@ def from_config(cfg: Any, inner: optax.GradientTransformation
   if method == DENSE:
     return inner
   factory = _entry(method).factory
-  parameters = list(inspect.signature(factory).parameters.values())[1:]
-  accepted = {parameter.name for parameter in parameters}
+  accepted = set(list(inspect.signature(factory).parameters)[1:])
   unknown = sorted(set(kwargs) - accepted)
   if unknown:
     raise ValueError(f"method {method!r} takes no config key {unknown[0]!r}; "
                      f"it accepts {sorted(accepted)}")
-  for parameter in parameters:
-    if parameter.default is inspect.Parameter.empty and kwargs.get(parameter.name) is None:
-      raise ValueError(f"method {method!r} needs {parameter.name!r}")
+  for name in required_keywords(method):
+    if kwargs.get(name) is None:
+      raise ValueError(f"method {method!r} needs {name!r}")
   return factory(inner, **kwargs)
 
 

@@ -138,3 +138,9 @@ def test_config_schema_refuses_unknown_missing_and_mistyped_keys(change, message
   experiment_config.validate_config(_config_with(lambda c: None))
   with pytest.raises(ValueError, match=message):
     experiment_config.validate_config(_config_with(change))
+
+
+def test_with_method_names_a_needed_keyword_the_section_lacks():
+  with pytest.raises(ValueError, match="config.sparse.sparsity is needed by method 'rigl'"):
+    experiment_config.with_method(fashion_mnist.get_config("dense"), "rigl")
+  assert sj.registry.required_keywords("rigl") == ("sparsity", "end_step")

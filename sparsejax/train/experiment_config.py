@@ -159,9 +159,16 @@ def with_method(config: ml_collections.ConfigDict, method: str) -> ml_collection
     The new config.
 
   Raises:
-    ValueError: for an unknown method.
+    ValueError: for an unknown method, or a keyword it needs that ``config.sparse``
+      does not give.
   """
   sparse = method_section(method, config.sparse)
+  missing = [] if method == "dense" else [
+      key for key in sparsejax.registry.required_keywords(method) if sparse[key] is None]
+  if missing:
+    raise ValueError(f"config.sparse.{missing[0]} is needed by method {method!r}, and the "
+                     f"config's {config.sparse.method!r} section has none: start from a "
+                     f"config of a method that takes it (e.g. :{method})")
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.sparse = sparse
