@@ -9,6 +9,7 @@ from sparsejax.masks import (
     summary,
 )
 from sparsejax.methods.dst import DSTState, dst, thresholds
+from sparsejax.methods.dst_ee import ActivityCounts, dst_ee
 from sparsejax.methods.gmp import gmp
 from sparsejax.methods.prune import prune
 from sparsejax.methods.rigl import rigl
@@ -23,6 +24,7 @@ from sparsejax.wrapper import SparseState, Topology, sparse_wrapper
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivityCounts",
     "DSTState",
     "METHODS",
     "ScoreInputs",
@@ -31,6 +33,7 @@ __all__ = [
     "coverage",
     "drop_and_grow",
     "dst",
+    "dst_ee",
     "from_config",
     "gmp",
     "keep_non_kernels_dense",

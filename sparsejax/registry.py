@@ -24,7 +24,7 @@ import ml_collections
 from ml_collections import config_dict
 import optax
 
-from sparsejax.methods import dst, gmp, rigl, static
+from sparsejax.methods import dst, dst_ee, gmp, rigl, static
 from sparsejax.methods import set as set_method
 
 DENSE = "dense"
@@ -212,3 +212,4 @@ register_method("set", set_method.set)
 register_method("rigl", rigl.rigl)
 register_method("gmp", gmp.gmp)
 register_method("dst", dst.dst, variant_keys=("alpha",))
+register_method("dst_ee", dst_ee.dst_ee)

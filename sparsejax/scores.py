@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from sparsejax.masks import is_unmasked, map_masked
 
@@ -44,3 +45,33 @@ def random_uniform(inputs: ScoreInputs) -> Any:
   keys = jax.random.split(inputs.key, len(leaves))
   scores = [None if m is None else jax.random.uniform(k, m.shape) for k, m in zip(keys, leaves)]
   return jax.tree.unflatten(treedef, scores)
+
+
+def acquisition(c: optax.Schedule, eps: float) -> ScoreFn:
+  """DST-EE's grow score: |∂L/∂w| + c·√(ln t / (N + ε)).
+
+  The exploitation term is RigL's dense-gradient magnitude; the exploration bonus
+  (an upper confidence bound, as in UCB bandits) favours weights that have rarely
+  been active. ``t`` and ``N`` come from the method state ``inputs.extra``: its
+  ``updates`` field (mask updates so far, this one included: t ≥ 1, so ln t ≥ 0) and
+  its ``counts`` field (per weight, the mask updates at which it was active).
+
+  Args:
+    c: schedule of the exploration coefficient c ≥ 0 (of the step); c = 0 gives
+      exactly :func:`gradient_magnitude`.
+    eps: ε > 0, so a never-active weight's bonus is c·√(ln t / ε).
+
+  Returns:
+    A score function.
+  """
+  def score(inputs: ScoreInputs) -> Any:
+    coefficient = c(inputs.step)
+    log_t = jnp.log(inputs.extra.updates.astype(jnp.float32))
+
+    def leaf(_, g, n):
+      bonus = jnp.sqrt(log_t / (n.astype(jnp.float32) + eps))
+      return jnp.abs(g).astype(jnp.float32) + coefficient * bonus
+
+    return map_masked(leaf, inputs.masks, inputs.grads, inputs.extra.counts)
+
+  return score

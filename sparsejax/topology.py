@@ -7,7 +7,8 @@ a mask update that keeps every layer's non-zero count fixed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -69,16 +70,20 @@ def drop_and_grow_leaf(mask: jax.Array, drop_score: jax.Array, grow_score: jax.A
   return kept | grown
 
 
-def drop_and_grow(drop_score: ScoreFn, grow_score: ScoreFn, drop_fraction: optax.Schedule):
+def drop_and_grow(drop_score: ScoreFn, grow_score: ScoreFn, drop_fraction: optax.Schedule,
+                  update_extra: Callable[[ScoreInputs], Any] | None = None):
   """``update_masks`` of the RigL family.
 
   Args:
     drop_score: score function, higher = keep (e.g. magnitude).
     grow_score: score function, higher = grow first (e.g. gradient magnitude).
     drop_fraction: schedule of the fraction of active weights swapped at a step.
+    update_extra: optional ``ScoreInputs -> extra``, run at each mask update before
+      the scores: the method state they see and the state keeps (DST-EE counts the
+      weights active at this update there). By default ``extra`` passes through.
 
   Returns:
-    A function ``ScoreInputs -> (masks, extra)`` (``extra`` passed through).
+    A function ``ScoreInputs -> (masks, extra)``.
 
   Examples:
     SET's update, half of the active weights swapped at every update:
@@ -91,6 +96,8 @@ def drop_and_grow(drop_score: ScoreFn, grow_score: ScoreFn, drop_fraction: optax
     ...                        update_masks=update)
   """
   def update_masks(inputs: ScoreInputs):
+    if update_extra is not None:
+      inputs = inputs._replace(extra=update_extra(inputs))
     fraction = drop_fraction(inputs.step)
     masks = map_masked(lambda m, d, g: drop_and_grow_leaf(m, d, g, fraction),
                        inputs.masks, drop_score(inputs), grow_score(inputs))

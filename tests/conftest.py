@@ -48,6 +48,28 @@ def make_step(tx, loss, jit: bool = True):
   return jax.jit(step) if jit else step
 
 
+def run(tx, params, loss, steps, jit=True):
+  """Yields (step, params_before, params_after, state_before, state_after, grads)."""
+  state = tx.init(params)
+  step_fn = make_step(tx, loss, jit=jit)
+  for t in range(1, steps + 1):
+    new_params, new_state, grads = step_fn(params, state, make_batch(t))
+    yield t, params, new_params, state, new_state, grads
+    params, state = new_params, new_state
+
+
+def reference_update(mask, drop_score, grow_score, fraction):
+  """google-research/rigl's ``_get_update_op`` in NumPy (ties by index, no noise)."""
+  n_prune = int(np.float32(mask.sum()) * np.float32(fraction))
+  active = np.flatnonzero(mask)
+  kept = np.zeros_like(mask)
+  kept[active[np.argsort(-drop_score[active], kind="stable")[:mask.sum() - n_prune]]] = True
+  candidates = np.flatnonzero(~kept)  # the weights dropped just now included
+  new = kept.copy()
+  new[candidates[np.argsort(-grow_score[candidates], kind="stable")[:n_prune]]] = True
+  return new, n_prune
+
+
 def mask_leaves(tree):
   """Flat list of the mask arrays (None for dense leaves)."""
   return jax.tree.leaves(tree, is_leaf=lambda x: x is None)

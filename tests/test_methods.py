@@ -1,7 +1,15 @@
 """Method semantics: when masks change, what is dropped and grown, resets, GMP's schedule."""
 
 import chex
-from conftest import assert_exactly_sparse, make_batch, make_step, mask_leaves, nnz_per_leaf
+from conftest import (
+  assert_exactly_sparse,
+  make_batch,
+  make_step,
+  mask_leaves,
+  nnz_per_leaf,
+  reference_update,
+  run,
+)
 import jax
 import numpy as np
 import optax
@@ -11,16 +19,6 @@ import sparsejax as sj
 from sparsejax.masks import nnz_targets
 from sparsejax.schedules import cosine_drop_fraction, update_steps
 from sparsejax.wrapper import apply_masks
-
-
-def run(tx, params, loss, steps, jit=True):
-  """Yields (step, params_before, params_after, masks_before, state_before, state, grads)."""
-  state = tx.init(params)
-  step_fn = make_step(tx, loss, jit=jit)
-  for t in range(1, steps + 1):
-    new_params, new_state, grads = step_fn(params, state, make_batch(t))
-    yield t, params, new_params, state, new_state, grads
-    params, state = new_params, new_state
 
 
 def test_update_steps_schedule():
@@ -51,18 +49,6 @@ def test_masks_change_only_at_update_steps_inside_the_window(mlp, method):
       changed_at.append(t)
     assert_exactly_sparse(new_params, new)
   assert changed_at == [5, 8, 11]
-
-
-def reference_update(mask, drop_score, grow_score, fraction):
-  """google-research/rigl's ``_get_update_op`` in NumPy (ties by index, no noise)."""
-  n_prune = int(np.float32(mask.sum()) * np.float32(fraction))
-  active = np.flatnonzero(mask)
-  kept = np.zeros_like(mask)
-  kept[active[np.argsort(-drop_score[active], kind="stable")[:mask.sum() - n_prune]]] = True
-  candidates = np.flatnonzero(~kept)  # the weights dropped just now included
-  new = kept.copy()
-  new[candidates[np.argsort(-grow_score[candidates], kind="stable")[:n_prune]]] = True
-  return new, n_prune
 
 
 @pytest.mark.parametrize("train_at_update", [False, True])
@@ -303,10 +289,11 @@ STATE_METHODS = {
     "rigl": lambda: sj.rigl(optax.sgd(0.1), sparsity=0.7, update_every=3, end_step=9),
     "gmp": lambda: sj.gmp(optax.sgd(0.1), sparsity=0.7, update_every=3, end_step=9),
     "dst": lambda: sj.dst(optax.sgd(0.5), alpha=1e-2),
+    "dst_ee": lambda: sj.dst_ee(optax.sgd(0.1), sparsity=0.7, update_every=3, end_step=9, c=0.1),
 }
 # Which steps read the dense weight gradient: RigL's updates, every DST step.
 DENSE_GRADIENT_STEPS = {"static": [], "set": [], "rigl": [3, 6, 9], "gmp": [],
-                        "dst": list(range(1, 13))}
+                        "dst": list(range(1, 13)), "dst_ee": [3, 6, 9]}
 
 
 @pytest.mark.parametrize("method", list(STATE_METHODS))
@@ -332,7 +319,8 @@ def test_state_says_what_the_step_did(mlp, method):
         np.testing.assert_array_equal(e, a)
   assert read_dense == DENSE_GRADIENT_STEPS[method]
   if method != "dst":  # the cosine drop fraction is 0 at end_step: step 9 changes nothing
-    assert changed == {"static": [], "set": [3, 6], "rigl": [3, 6], "gmp": [1, 3, 6, 9]}[method]
+    assert changed == {"static": [], "set": [3, 6], "rigl": [3, 6], "gmp": [1, 3, 6, 9],
+                       "dst_ee": [3, 6]}[method]
   expected = sum(int(e.sum()) for e in ever if e is not None) / sum(
       e.size for e in ever if e is not None)
   assert sj.coverage(after)["global"] == pytest.approx(expected, abs=1e-12)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import optax
 
@@ -17,7 +18,9 @@ def drop_grow_method(inner: optax.GradientTransformation, grow_score: scores.Sco
                      update_every: int, start_step: int, end_step: int,
                      drop_fraction: float | optax.Schedule, dense: DensePredicate,
                      seed: int, train_at_update: bool = False,
-                     reads_dense_gradient: bool = False
+                     reads_dense_gradient: bool = False,
+                     init_extra: Callable[[Any, Any], Any] | None = None,
+                     update_extra: Callable[[scores.ScoreInputs], Any] | None = None
                      ) -> optax.GradientTransformationExtraArgs:
   """A RigL-family method: magnitude drop, the given grow score, cosine drop fraction.
 
@@ -36,6 +39,9 @@ def drop_grow_method(inner: optax.GradientTransformation, grow_score: scores.Sco
     train_at_update: False (RigL's Algorithm 1): a mask-update step only rewires;
       True: the weights active before and after it also take the optimizer step.
     reads_dense_gradient: whether ``grow_score`` reads the dense gradient.
+    init_extra: optional ``(params, masks) -> extra``, the method's own state.
+    update_extra: optional ``ScoreInputs -> extra`` run at each mask update before
+      the scores (see :func:`sparsejax.drop_and_grow`).
 
   Returns:
     An optax transformation.
@@ -44,9 +50,10 @@ def drop_grow_method(inner: optax.GradientTransformation, grow_score: scores.Sco
   distributions.check_distribution(distribution)
   topology = Topology(
       init_masks=random_init(sparsity, distribution, dense),
+      init_extra=init_extra or Topology._field_defaults["init_extra"],
       is_update_step=schedules.update_steps(update_every, start_step, end_step),
       update_masks=drop_and_grow(
           scores.magnitude, grow_score,
-          schedules.as_drop_fraction(drop_fraction, start_step, end_step)),
+          schedules.as_drop_fraction(drop_fraction, start_step, end_step), update_extra),
       train_at_update=train_at_update, reads_dense_gradient=reads_dense_gradient)
   return sparse_wrapper(inner, topology, seed)

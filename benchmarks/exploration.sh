@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Does exploration close the gap to dense? DST-EE against static, SET and RigL on
+# Fashion-MNIST LeNet-300-100 (ERK, 3 seeds), then longer training at 90 %.
+#
+#   bash benchmarks/exploration.sh sweep         # part 1: 90/95/98 %, 10 epochs (~20 min)
+#   bash benchmarks/exploration.sh long C        # part 2: 90 %, 3x and 5x the epochs, DST-EE at c=C
+#   bash benchmarks/exploration.sh report        # tables and plots into benchmarks/results/exploration
+#
+# RUNS (default runs/exploration) holds the run directories; every command resumes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${RUNS:-runs/exploration}
+py=${PYTHON:-.venv/bin/python}
+config=experiments/configs/fashion_mnist.py
+
+case "${1:-}" in
+  sweep)
+    for s in 0.9 0.95 0.98; do
+      methods=static,set,rigl
+      [ "$s" = 0.9 ] && methods=dense,$methods
+      "$py" -m experiments.train --config=$config --methods=$methods --seeds=0,1,2 \
+          --config.sparse.sparsity=$s --workdir="$runs/sparsity$s"
+      for c in 1e-3 1e-2 1e-1; do
+        "$py" -m experiments.train --config=$config:dst_ee --seeds=0,1,2 \
+            --config.sparse.sparsity=$s --config.sparse.c=$c --workdir="$runs/sparsity$s/dst_ee_c$c"
+      done
+    done ;;
+  long)
+    c=${2:?usage: exploration.sh long C}
+    for e in 30 50; do
+      "$py" -m experiments.train --config=$config --methods=dense,rigl --seeds=0,1,2 \
+          --config.num_epochs=$e --workdir="$runs/epochs$e"
+      "$py" -m experiments.train --config=$config:dst_ee --seeds=0,1,2 --config.num_epochs=$e \
+          --config.sparse.c="$c" --workdir="$runs/epochs$e/dst_ee_c$c"
+    done ;;
+  report)
+    "$py" -m experiments.report "$runs" --out=benchmarks/results/exploration ;;
+  *)
+    sed -n '2,9p' "$0"; exit 2 ;;
+esac
