@@ -2,7 +2,8 @@
 
 Run::
 
-  python benchmarks/overhead.py [--models lenet,mlp1024] [--methods static,set,rigl,gmp,dst] \
+  python benchmarks/overhead.py [--models lenet,mlp1024] \
+      [--methods static,set,rigl,dst_ee,gmp,dst] \
       [--repeats 7] [--calls 5] [--sparsity 0.9]
 
 Models (flax.linen MLPs with ReLU, trained with ``optax.adam(1e-3)`` on one fixed
@@ -23,7 +24,8 @@ Non-update and mask-update steps are timed separately by building each method tw
   warm-up). The step still carries the wrapper's ``lax.cond``, masking and
   ``where``s, which is the overhead paid on the ~99 % of steps that do not rewire.
 - **update step**: ``update_every=1, end_step=10**9``, so every step is a mask
-  update (drop/grow or prune selection, inner-state reset). For RigL and SET the
+  update (drop/grow or prune selection, inner-state reset). For SET, RigL and
+  DST-EE (here with RigL's drop fraction 0.3, its acquisition score at c = 1e-2) the
   drop fraction stays ≈ 0.3 (its cosine decay to ``end_step`` barely starts); for
   GMP the cubic schedule barely starts either, so masks stay nearly dense -- the
   cost of the exact top-k selection does not depend on k.
@@ -73,7 +75,7 @@ MODELS = {
     "lenet": ("LeNet-300-100", (300, 100, 10)),
     "mlp1024": ("1024-1024-1024-10", (1024, 1024, 1024, 10)),
 }
-METHODS = ("static", "set", "rigl", "gmp", "dst")
+METHODS = ("static", "set", "rigl", "dst_ee", "gmp", "dst")
 NO_UPDATE_STEP = ("static", "dst")  # static never rewires; DST updates its masks every step
 BATCH = 256
 IN_FEATURES = 784
@@ -111,10 +113,10 @@ def make_tx(method: str, update_every: int | None, sparsity: float
     return sj.static_sparse(inner, sparsity=sparsity, distribution="erk")
   if method == "dst":
     return sj.dst(inner, alpha=5e-4)
-  if method in ("set", "rigl"):
-    factory = sj.set if method == "set" else sj.rigl
+  if method in ("set", "rigl", "dst_ee"):
+    factory = {"set": sj.set, "rigl": sj.rigl, "dst_ee": sj.dst_ee}[method]
     return factory(inner, sparsity=sparsity, distribution="erk", update_every=update_every,
-                   end_step=END_STEP)
+                   end_step=END_STEP, drop_fraction=0.3)
   if method == "gmp":
     return sj.gmp(inner, sparsity=sparsity, update_every=update_every, start_step=0,
                   end_step=END_STEP)
@@ -239,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   print(f"command: `{command}`")
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s); "
-        f"optax.adam(1e-3), batch {BATCH}, sparsity {args.sparsity} (erk for set/rigl/static, "
+        f"optax.adam(1e-3), batch {BATCH}, sparsity {args.sparsity} (erk for set/rigl/dst_ee/static, "
         f"uniform for gmp); {args.repeats} rounds x {args.calls} calls, median of per-round "
         f"ratios")
   malloc_env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}

@@ -12,7 +12,8 @@ unfinished run is named on stderr, and its curves (loss, density) are still plot
 from its ``metrics.jsonl``, labelled "unfinished".
 
 The table is printed and written to ``OUTDIR/report.md``, next to the plots
-``accuracy_vs_sparsity.png``, ``loss_<group>.png`` (every group) and
+``accuracy_vs_sparsity.png``, ``accuracy_vs_coverage.png`` (runs with a coverage),
+``loss_<group>.png`` (every group) and
 ``density_<group>.png`` (sparse groups). OUTDIR defaults to ``DIR/report`` for a
 single DIR and to ``./report`` for several. It is created if needed; only these files
 are (over)written, nothing is deleted. A DIR that does not exist or holds no run, or
@@ -43,6 +44,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 ACCURACY_PLOT = "accuracy_vs_sparsity.png"
+COVERAGE_PLOT = "accuracy_vs_coverage.png"
 DEFAULT_OUT = "report"
 INPUT_ERROR = 2
 OUTPUT_ERROR = 1
@@ -511,6 +513,53 @@ def _draw_accuracy_panel(axes: Any, rows: Sequence[Mapping[str, Any]],
   axes.legend(fontsize="small")
 
 
+def plot_coverage(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
+  """Test accuracy (%) over final coverage (the fraction of weights ever active).
+
+  Args:
+    rows: groups from :func:`aggregate`.
+    path: the PNG to write.
+
+  Returns:
+    ``path``, or None when no group has a coverage. One colour per method, each
+    point labelled with its target sparsity and the config values telling it apart
+    (e.g. ``num_epochs=30``); dense groups are dashed horizontal lines.
+  """
+  sparse = [row for row in rows if row["coverage"] is not None
+            and row["test_accuracy"] is not None]
+  if not sparse:
+    return None
+  labels = method_labels(row["key"] for row in rows)
+  methods = sorted({row["key"].method for row in sparse})
+  colors = {method: f"C{i % 10}" for i, method in enumerate(methods)}
+  figure = _new_figure()
+  axes = figure.add_subplot(1, 1, 1)
+  for index, row in enumerate(r for r in rows if r["key"].method == DENSE
+                              and r["test_accuracy"] is not None):
+    axes.axhline(100.0 * row["test_accuracy"], color="black", linewidth=1,
+                 linestyle=("--", ":", "-.")[index % 3], label=labels[row["key"]])
+  for method in methods:
+    members = [row for row in sparse if row["key"].method == method]
+    axes.errorbar([100.0 * row["coverage"] for row in members],
+                  [100.0 * row["test_accuracy"] for row in members],
+                  yerr=[100.0 * (row["test_accuracy_std"] or 0.0) for row in members],
+                  linestyle="none", marker="o", markersize=5, capsize=3, color=colors[method],
+                  label=_seeds_label(method, [row["n"] for row in members]))
+    for row in members:
+      key = row["key"]
+      note = "" if key.target_sparsity is None else f"{100.0 * key.target_sparsity:g} %"
+      suffix = labels[key][len(key.method):].strip(" ()")
+      axes.annotate(", ".join(part for part in (note, suffix) if part),
+                    (100.0 * row["coverage"], 100.0 * row["test_accuracy"]),
+                    textcoords="offset points", xytext=(4, 3), fontsize="x-small",
+                    color=colors[method])
+  axes.set_xlabel("coverage (% of masked weights ever active, mean over seeds)")
+  axes.set_ylabel("test accuracy (%, mean ± std over seeds)")
+  axes.grid(True, alpha=0.3)
+  axes.legend(fontsize="small")
+  return _save(figure, path)
+
+
 def eval_rows(run: Run) -> list[dict[str, Any]]:
   """The evaluation rows of the run's metrics (those with ``test_loss`` or ``layers``)."""
   return [row for row in run.metrics if "test_loss" in row or "layers" in row]
@@ -619,6 +668,7 @@ def write_plots(runs: Sequence[Run], out: str | os.PathLike[str]) -> list[Path]:
 
   Returns:
     The files written: ``accuracy_vs_sparsity.png`` (when a run finished),
+    ``accuracy_vs_coverage.png`` (when a finished run reports coverage),
     ``loss_<group>.png`` per group with losses and ``density_<group>.png`` per group
     with per-layer sparsities (its first finished run, by seed).
   """
@@ -626,7 +676,9 @@ def write_plots(runs: Sequence[Run], out: str | os.PathLike[str]) -> list[Path]:
   written = []
   summaries = [run_summary(run) for run in runs if run.finished]
   if summaries:
-    written.append(plot_accuracy(aggregate(summaries), out / ACCURACY_PLOT))
+    rows = aggregate(summaries)
+    written.append(plot_accuracy(rows, out / ACCURACY_PLOT))
+    written.append(plot_coverage(rows, out / COVERAGE_PLOT))
   groups = group_runs(runs)
   for key, name in _unique_names(groups).items():
     members = groups[key]

@@ -35,7 +35,7 @@ Factory = Callable[..., optax.GradientTransformation]
 class MethodEntry(NamedTuple):
   """A registered method."""
   factory: Factory  # factory(inner, **keywords) -> optax transformation
-  variant_keys: tuple[str, ...]  # keys standing in for a target sparsity (DST: alpha)
+  variant_keys: tuple[str, ...]  # keys naming a variant in reports (DST: alpha, DST-EE: c)
 
 
 _REGISTRY: dict[str, MethodEntry] = {}
@@ -83,8 +83,9 @@ def register_method(name: str, factory: Factory, *, variant_keys: tuple[str, ...
     name: the method's name in configs (``config.sparse.method``).
     factory: ``factory(inner, **keywords)`` returning an optax transformation; its
       keyword defaults are the method's config defaults.
-    variant_keys: config keys that stand in for a target sparsity in reports (DST's
-      ``alpha``).
+    variant_keys: config keys that name a variant of the method in reports, each
+      value its own line in plots (DST's ``alpha``, which stands in for a target
+      sparsity; DST-EE's exploration coefficient ``c``).
 
   Raises:
     ValueError: for the reserved name "dense", a name already registered, or a
@@ -150,7 +151,7 @@ def method_config(name: str) -> ml_collections.ConfigDict:
 
 
 def variant(sparse: Mapping[str, Any]) -> str | None:
-  """The values that stand in for a target sparsity, e.g. ``"alpha=0.0005"`` for DST.
+  """The values that name a variant: ``"alpha=0.0005"`` for DST, ``"c=0.01"`` for DST-EE.
 
   Args:
     sparse: a config section of a method (``method`` and its keywords).
@@ -212,4 +213,4 @@ register_method("set", set_method.set)
 register_method("rigl", rigl.rigl)
 register_method("gmp", gmp.gmp)
 register_method("dst", dst.dst, variant_keys=("alpha",))
-register_method("dst_ee", dst_ee.dst_ee)
+register_method("dst_ee", dst_ee.dst_ee, variant_keys=("c",))

@@ -64,6 +64,7 @@ def test_every_method_and_model_builds(setup, method, mnist_dir):
 
 @pytest.mark.parametrize("setup,model,method", [
     ("fashion_mnist", "lenet5", "rigl"),
+    ("fashion_mnist", "lenet300100", "dst_ee"),
     ("fashion_mnist", "vit", "dst"),
     ("mnist", "lenet300100", "dst"),
     ("mnist", "lenet5", "set"),

@@ -230,7 +230,7 @@ def test_write_plots(sweep, tmp_path):
   out = tmp_path / "out"
   out.mkdir()
   written = report.write_plots(runs, out)
-  expected = ["accuracy_vs_sparsity.png", *(f"loss_{PREFIX}-{name}.png" for name in (
+  expected = ["accuracy_vs_sparsity.png", "accuracy_vs_coverage.png", *(f"loss_{PREFIX}-{name}.png" for name in (
       "dense", "rigl-0.9", "set-0.9", "static-0.9")),
       *(f"density_{PREFIX}-{name}.png" for name in ("rigl-0.9", "set-0.9", "static-0.9"))]
   assert sorted(path.name for path in written) == sorted(expected)
@@ -239,6 +239,16 @@ def test_write_plots(sweep, tmp_path):
     assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000, path
     image = imread(path)
     assert image.shape[:2] == (540, 840) and image[..., :3].std() > 0.05, path
+
+
+def test_coverage_plot_needs_a_run_with_coverage(sweep, tmp_path):
+  runs = [report.load_run(p) for p in report.find_runs([sweep])]
+  rows = report.aggregate([report.run_summary(run) for run in runs if run.finished])
+  assert report.plot_coverage(rows, tmp_path / "a.png") == tmp_path / "a.png"
+  without = [row for row in rows if row["coverage"] is None]
+  assert {row["key"].method for row in without} == {"dense", "static"}
+  assert report.plot_coverage(without, tmp_path / "b.png") is None
+  assert not (tmp_path / "b.png").exists()
 
 
 def test_cli_prints_the_table_and_touches_nothing_else(sweep, tmp_path):
@@ -251,7 +261,7 @@ def test_cli_prints_the_table_and_touches_nothing_else(sweep, tmp_path):
   assert (out / "report.md").read_text() == result.stdout
   assert f"unfinished (no summary.json), left out of the table: {sweep / 'rigl' / 's3'}" in (
       result.stderr)
-  assert len(list(out.glob("*.png"))) == 8
+  assert len(list(out.glob("*.png"))) == 9
   assert snapshot(sweep) == before
 
 
@@ -263,7 +273,8 @@ def test_cli_writes_into_the_single_dir_by_default(tmp_path):
   assert result.stdout.splitlines()[2:] == [EXPECTED_ROWS[1]]
   after = snapshot(sweep)
   added = sorted(set(after) - set(before))
-  assert added == ["rigl/report", "rigl/report/accuracy_vs_sparsity.png",
+  assert added == ["rigl/report", "rigl/report/accuracy_vs_coverage.png",
+                   "rigl/report/accuracy_vs_sparsity.png",
                    f"rigl/report/density_{PREFIX}-rigl-0.9.png",
                    f"rigl/report/loss_{PREFIX}-rigl-0.9.png", "rigl/report/report.md"]
   assert {name: after[name] for name in before} == before
