@@ -57,6 +57,18 @@ def attention_split(path: str, shape: Sequence[int]) -> int | None:
   return 2 if module == ATTENTION_OUTPUT_PROJECTION else None
 
 
+def matrix_shape(path: str, shape: Sequence[int]) -> tuple[int, int]:
+  """A kernel as the ``(fan_in, fan_out)`` matrix its layer multiplies by.
+
+  The output axes are the last one (Dense, Conv: a conv kernel is an MLP over its
+  unfolded patches, [kh·kw·c_in, c_out]), or heads × head_dim of a Flax attention
+  query/key/value kernel; a 1-D leaf is ``(1, n)``.
+  """
+  split = attention_split(path, shape)
+  split = max(len(shape) - 1, 0) if split is None else split
+  return math.prod(shape[:split]), math.prod(shape[split:])
+
+
 def _as_kernel(path: str, shape: Sequence[int]) -> tuple[int, ...]:
   """An attention projection as the [fan_in, fan_out] matrix it is; other shapes unchanged."""
   split = attention_split(path, shape)

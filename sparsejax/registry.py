@@ -24,18 +24,21 @@ import ml_collections
 from ml_collections import config_dict
 import optax
 
-from sparsejax.methods import dst, dst_ee, gmp, rigl, static
+from sparsejax.methods import dst, dst_ee, gmp, gse, rigl, static
 from sparsejax.methods import set as set_method
 
 DENSE = "dense"
 SCALAR_TYPES = (bool, int, float, str)
 Factory = Callable[..., optax.GradientTransformation]
+InitParams = Callable[[Any, Any, Any], Any]  # (key, params, masks) -> params
 
 
 class MethodEntry(NamedTuple):
   """A registered method."""
   factory: Factory  # factory(inner, **keywords) -> optax transformation
   variant_keys: tuple[str, ...]  # keys naming a variant in reports (DST: alpha, DST-EE: c)
+  init_params: InitParams | None = None  # called once after tx.init (GSE's initialisation)
+  statistics: Callable[[Mapping[str, Any]], str | None] | None = None  # GSE's sampling
 
 
 _REGISTRY: dict[str, MethodEntry] = {}
@@ -75,7 +78,9 @@ def _config_fields(name: str, factory: Factory) -> dict[str, Any]:
   return fields
 
 
-def register_method(name: str, factory: Factory, *, variant_keys: tuple[str, ...] = ()
+def register_method(name: str, factory: Factory, *, variant_keys: tuple[str, ...] = (),
+                    init_params: InitParams | None = None,
+                    statistics: Callable[[Mapping[str, Any]], str | None] | None = None
                     ) -> None:
   """Makes ``factory`` available by ``name`` to :func:`from_config` and the runner.
 
@@ -86,6 +91,11 @@ def register_method(name: str, factory: Factory, *, variant_keys: tuple[str, ...
     variant_keys: config keys that name a variant of the method in reports, each
       value its own line in plots (DST's ``alpha``, which stands in for a target
       sparsity; DST-EE's exploration coefficient ``c``).
+    init_params: ``(key, params, masks) -> params``, the method's own initialisation
+      of the weights, which a runner applies once after ``tx.init`` (GSE's).
+    statistics: ``keywords -> sampling or None``: the kind of per-layer statistics
+      (:func:`sparsejax.value_grad_and_statistics`) the method needs at its
+      mask-update steps, passed as ``tx.update(..., layer_statistics=...)``.
 
   Raises:
     ValueError: for the reserved name "dense", a name already registered, or a
@@ -105,11 +115,12 @@ def register_method(name: str, factory: Factory, *, variant_keys: tuple[str, ...
   for key in variant_keys:
     if key not in inspect.signature(factory).parameters:
       raise ValueError(f"method {name!r}: variant key {key!r} is not one of its keywords")
-  _REGISTRY[name] = MethodEntry(factory, tuple(variant_keys))
+  _REGISTRY[name] = MethodEntry(factory, tuple(variant_keys), init_params, statistics)
   METHODS[name] = factory
 
 
-def _entry(name: str) -> MethodEntry:
+def entry(name: str) -> MethodEntry:
+  """The registered method ``name``; ValueError for an unknown one."""
   if name not in _REGISTRY:
     raise ValueError(f"unknown method {name!r}; expected {DENSE!r} or one of "
                      f"{sorted(_REGISTRY)}")
@@ -122,7 +133,7 @@ def required_keywords(name: str) -> tuple[str, ...]:
   Raises:
     ValueError: for an unknown method.
   """
-  parameters = list(inspect.signature(_entry(name).factory).parameters.values())[1:]
+  parameters = list(inspect.signature(entry(name).factory).parameters.values())[1:]
   return tuple(p.name for p in parameters if p.default is inspect.Parameter.empty)
 
 
@@ -144,7 +155,7 @@ def method_config(name: str) -> ml_collections.ConfigDict:
   """
   fields = {"method": name}
   if name != DENSE:
-    fields.update(_config_fields(name, _entry(name).factory))
+    fields.update(_config_fields(name, entry(name).factory))
   section = ml_collections.ConfigDict(fields)
   section.lock()
   return section
@@ -196,7 +207,7 @@ def from_config(cfg: Any, inner: optax.GradientTransformation
   method = kwargs.pop("method", None)
   if method == DENSE:
     return inner
-  factory = _entry(method).factory
+  factory = entry(method).factory
   accepted = set(list(inspect.signature(factory).parameters)[1:])
   unknown = sorted(set(kwargs) - accepted)
   if unknown:
@@ -214,3 +225,6 @@ register_method("rigl", rigl.rigl)
 register_method("gmp", gmp.gmp)
 register_method("dst", dst.dst, variant_keys=("alpha",))
 register_method("dst_ee", dst_ee.dst_ee, variant_keys=("c",))
+register_method("gse", gse.gse, variant_keys=("sampling",), init_params=gse.gse_init,
+                statistics=lambda keywords: None if keywords["sampling"] == "uniform"
+                else keywords["sampling"])

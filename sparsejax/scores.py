@@ -24,6 +24,7 @@ class ScoreInputs(NamedTuple):
   key: jax.Array
   step: jax.Array
   extra: Any  # method-specific state, e.g. DST-EE activity counts
+  extra_args: dict[str, Any] = {}  # tx.update's extra keyword arguments, e.g. GSE's statistics
 
 
 ScoreFn = Callable[[ScoreInputs], Any]

@@ -169,7 +169,7 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
       """New masks; grown weights get the inner optimizer's initial state."""
       key, score_key = jax.random.split(key)
       masks, extra = topology.update_masks(
-          ScoreInputs(params, updates, state.masks, score_key, step, extra))
+          ScoreInputs(params, updates, state.masks, score_key, step, extra, extra_args))
       grown = map_masked(lambda new, old: new & ~old, masks, state.masks)
       ever = map_masked(jnp.logical_or, masks, state.ever_active)
       changed = any_leaf(map_masked(jnp.not_equal, masks, state.masks))

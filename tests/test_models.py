@@ -11,11 +11,12 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax.masks import masked_leaves
+from sparsejax.masks import leaf_names, masked_leaves
 from sparsejax.train.models import MODELS, ResNet, WideResNet, get_model
 
 LENETS = ("lenet300100", "lenet5", "vit")  # the 28 × 28 models (the ViT included)
-CIFAR = ("vgg16", "vgg16_quarter", "resnet56", "wrn16_8", "wrn28_8")
+CIFAR = ("vgg16", "vgg16_quarter", "resnet56", "wrn16_8", "wrn28_8", "vit_tiny")
+BATCH_NORM = ("vgg16", "vgg16_quarter", "resnet56", "wrn16_8", "wrn28_8")
 KEY = jax.random.PRNGKey(0)
 
 
@@ -51,6 +52,14 @@ def vit_count(num_classes: int, patch=7, width=64, depth=4, mlp=128, tokens=17) 
   block = 2 * bn(width) + attention + dense(width, mlp) + dense(mlp, width)  # two LayerNorms
   return (conv(patch, 1, width) + width + width + tokens * width + depth * block + bn(width)
           + dense(width, num_classes))
+
+
+def vit_tiny_count(num_classes: int, patch_dim=48, width=512, depth=4, inner=6 * 64,
+                   mlp=256) -> int:
+  attention = bn(width) + dense(width, 3 * inner, bias=False) + dense(inner, width, bias=False)
+  mlp_block = bn(width) + dense(width, mlp) + dense(mlp, width)  # bn(): LayerNorm scale + bias
+  return (bn(patch_dim) + dense(patch_dim, width) + bn(width) + depth * (attention + mlp_block)
+          + bn(width) + dense(width, num_classes))  # no parameter for the position embedding
 
 
 def vgg_count(widths, head, head_bn: bool, num_classes: int) -> int:
@@ -89,11 +98,12 @@ EXPECTED = {
     "resnet56": lambda nc: resnet_count(56, nc),
     "wrn16_8": lambda nc: wrn_count(16, 8, nc),
     "wrn28_8": lambda nc: wrn_count(28, 8, nc),
+    "vit_tiny": vit_tiny_count,
 }
 EXPECTED_10_CLASSES = {"lenet300100": 266_610, "lenet5": 431_080, "vit": 139_018,
                        "vgg16": 14_987_210,
                        "vgg16_quarter": 1_255_674, "resnet56": 853_018, "wrn16_8": 10_961_370,
-                       "wrn28_8": 23_354_842}
+                       "wrn28_8": 23_354_842, "vit_tiny": 4_237_930}
 
 
 def test_every_model_is_covered():
@@ -109,7 +119,7 @@ def test_output_shapes(name, num_classes):
   chex.assert_shape(jax.eval_shape(model.apply, variables, x), (3, num_classes))
   chex.assert_shape(jax.eval_shape(functools.partial(model.apply, train=False), variables, x),
                     (3, num_classes))
-  if name in CIFAR:
+  if name in BATCH_NORM:
     logits, state = jax.eval_shape(
         functools.partial(model.apply, train=True, mutable=["batch_stats"]), variables, x)
     chex.assert_shape(logits, (3, num_classes))
@@ -135,8 +145,8 @@ def test_kernels_are_masked_leaves_and_batch_stats_exist_with_batch_norm(name):
       assert leaf.ndim in ((2, 4) if is_kernel else (1,))
   bn_modules = {path[:-1] for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"])
                 if path[-1].key == "scale"}
-  if name in LENETS:
-    assert set(variables) == {"params"} and (not bn_modules or name == "vit")
+  if name not in BATCH_NORM:  # LayerNorms only in the ViTs
+    assert set(variables) == {"params"} and (not bn_modules or name in ("vit", "vit_tiny"))
   else:
     assert set(variables) == {"params", "batch_stats"}
     stats = jax.tree_util.tree_leaves_with_path(variables["batch_stats"])
@@ -166,6 +176,30 @@ def test_layer_shapes():
   shortcuts = [wrn[f"_WideBlock_{i}"]["shortcut"]["kernel"].shape for i in range(0, 6, 2)]
   assert shortcuts == [(1, 1, 16, 128), (1, 1, 128, 256), (1, 1, 256, 512)]
   assert "shortcut" not in wrn["_WideBlock_1"]
+
+
+def test_vit_tiny_masks_its_18_dense_kernels_and_has_a_fixed_position_embedding():
+  params = abstract_variables("vit_tiny")["params"]
+  masked = {name for name, flag in zip(leaf_names(params), jax.tree.leaves(masked_leaves(params)))
+            if flag}
+  layers = ("to_qkv", "to_out", "mlp_in", "mlp_out")
+  assert masked == {"patch_embedding/kernel", "head/kernel"} | {
+      f"block_{i}/{layer}/kernel" for i in range(4) for layer in layers}
+  assert len(masked) == 18  # biases and LayerNorms stay dense
+  block = params["block_0"]
+  assert (block["to_qkv"]["kernel"].shape, block["to_out"]["kernel"].shape) == ((512, 1152),
+                                                                               (384, 512))
+  assert set(block["to_qkv"]) == set(block["to_out"]) == {"kernel"}  # no biases
+  assert params["patch_embedding"]["kernel"].shape == (48, 512)
+  # Without a position embedding, mean pooling would make the logits invariant to swapping
+  # two 4 × 4 patches; the embedding is a constant (no variable holds it).
+  x = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
+  swapped = x.copy()
+  swapped[:, :4, :4], swapped[:, 4:8, 8:12] = x[:, 4:8, 8:12], x[:, :4, :4]
+  variables = numpy_variables(abstract_variables("vit_tiny"))
+  assert set(variables) == {"params"}
+  logits = jax.jit(get_model("vit_tiny").apply)(variables, np.concatenate([x, swapped]))
+  assert np.all(np.isfinite(logits)) and not np.allclose(logits[0], logits[1], atol=1e-4)
 
 
 def test_bad_depths_raise():

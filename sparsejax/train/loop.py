@@ -78,6 +78,20 @@ class Experiment(NamedTuple):
   def method(self) -> str:
     return self.config.sparse.method
 
+  @property
+  def statistics(self) -> str | None:
+    """The per-layer statistics the method needs at its mask updates (GSE's sampling)."""
+    return _statistics(self.config.sparse)
+
+
+def _entry(method: str) -> sparsejax.registry.MethodEntry | None:
+  return None if method == sparsejax.registry.DENSE else sparsejax.registry.entry(method)
+
+
+def _statistics(sparse: Any) -> str | None:
+  entry = _entry(sparse["method"])
+  return None if entry is None or entry.statistics is None else entry.statistics(sparse)
+
 
 def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
   """The train and test sources of ``config.data``.
@@ -117,13 +131,22 @@ def build_optimizer(config: ml_collections.ConfigDict, num_train: int
 
 
 def initial_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                  sample: jax.Array) -> TrainState:
-  """Initialises the model (from ``seed``), the optimizer and the running metrics."""
+                  sample: jax.Array, init_params: sparsejax.registry.InitParams | None = None
+                  ) -> TrainState:
+  """Initialises the model (from ``seed``), the optimizer and the running metrics.
+
+  ``init_params`` (a method's own initialisation, e.g. GSE's) re-initialises the
+  params from the masks of ``tx.init``; the optimizer is then initialised again.
+  """
   variables = jax.jit(functools.partial(model.init, train=False))(
       jax.random.PRNGKey(seed), sample)
   params = variables.pop("params")
   # Jitted: an eager init dispatches hundreds of small ops (seconds on CPU).
   opt_state = jax.jit(tx.init)(params)
+  if init_params is not None:
+    params_key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    params = jax.jit(init_params)(params_key, params, sparsejax.masks(opt_state))
+    opt_state = jax.jit(tx.init)(params)
   return TrainState(jnp.zeros((), jnp.int32), params, dict(variables), opt_state,
                     records.new_tracker(opt_state))
 
@@ -138,10 +161,11 @@ def _normalization(data: ml_collections.ConfigDict) -> tuple[Any, Any]:
 
 
 def _initial_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                   sample: Any) -> TrainState:
-  """:func:`initial_state`, with the method's errors as config errors."""
+                   sample: Any, method: str) -> TrainState:
+  """:func:`initial_state` with the method's own initialisation, its errors as config errors."""
+  entry = _entry(method)
   try:
-    return initial_state(model, tx, seed, sample)
+    return initial_state(model, tx, seed, sample, entry and entry.init_params)
   except (ValueError, TypeError) as e:
     raise ValueError(f"config.sparse: {e}") from e
 
@@ -179,7 +203,7 @@ def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _normalization(config.data)
   model = get_model(config.model, shape.num_classes)
   sample = jax.ShapeDtypeStruct((1, *shape.image_shape), jnp.float32)
-  jax.eval_shape(lambda x: _initial_state(model, tx, config.seed, x), sample)
+  jax.eval_shape(lambda x: _initial_state(model, tx, config.seed, x, sparse["method"]), sample)
   return _resolved(config, sparse)
 
 
@@ -208,7 +232,7 @@ def setup(config: ml_collections.ConfigDict, data: tuple[Any, Any] | None = None
                            mean=mean, std=std)
   model = get_model(config.model, num_classes(dataset, config.data.data_dir))
   sample = pipeline.batch(0)["image"][:1]
-  state = _initial_state(model, tx, config.seed, sample)
+  state = _initial_state(model, tx, config.seed, sample, sparse["method"])
   positions = flops.kernel_positions(
       model, {"params": state.params, **state.model_state}, sample, train=False)
   _, dense_flops = flops.forward_flops(state.params, None, positions)
@@ -226,9 +250,16 @@ def _apply(model: nn.Module, params: Any, model_state: Any, images: jax.Array, t
   return model.apply(variables, images, train=train), model_state
 
 
-def make_train_step(experiment: Experiment) -> Callable[[TrainState, Any], TrainState]:
-  """The jitted ``(state, batch) -> state`` of ``experiment`` (state donated)."""
-  model, tx = experiment.model, experiment.tx
+def make_train_step(experiment: Experiment, with_statistics: bool = False
+                    ) -> Callable[[TrainState, Any], TrainState]:
+  """The jitted ``(state, batch) -> state`` of ``experiment`` (state donated).
+
+  For a method that needs per-layer statistics at its mask updates (GSE's GraBo and
+  GraEst), ``with_statistics`` computes them
+  (:func:`sparsejax.value_grad_and_statistics`, GraEst's signs from the seed and the
+  step) and passes them to ``tx.update``; without it the step passes None.
+  """
+  model, tx, sampling = experiment.model, experiment.tx, experiment.statistics
 
   def loss_fn(params, model_state, batch):
     logits, model_state = _apply(model, params, model_state, batch["image"], train=True)
@@ -236,9 +267,16 @@ def make_train_step(experiment: Experiment) -> Callable[[TrainState, Any], Train
     return loss, model_state
 
   def train_step(state: TrainState, batch) -> TrainState:
-    (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.model_state, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    extra_args = {} if sampling is None else {"layer_statistics": None}
+    if with_statistics:
+      key = jax.random.fold_in(jax.random.PRNGKey(experiment.config.seed), state.step)
+      (loss, model_state), grads, extra_args["layer_statistics"] = (
+          sparsejax.value_grad_and_statistics(loss_fn, state.params, state.model_state, batch,
+                                              sampling=sampling, key=key, has_aux=True))
+    else:
+      (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params, state.model_state, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
     params = optax.apply_updates(state.params, updates)
     tracker = records.track_step(state.tracker, loss, state.opt_state, opt_state, state.params,
                                  experiment.positions)
@@ -325,11 +363,18 @@ def _train(experiment: Experiment, state: TrainState, totals: records.Totals,
   eval_every = cfg.every(config.eval_every, per_epoch)
   checkpoint_every = cfg.every(config.checkpoint_every, per_epoch)
   train_step, evaluate = make_train_step(experiment), make_evaluate(experiment)
+  statistics_step, is_update = None, None
+  if experiment.statistics is not None:  # GSE's guided sampling: statistics at updates only
+    statistics_step = make_train_step(experiment, with_statistics=True)
+    sparse = config.sparse
+    is_update = sparsejax.schedules.update_steps(sparse.update_every, sparse.start_step,
+                                                 sparse.end_step)
   step, last_row = int(state.step), None
   with (contextlib.closing(experiment.pipeline.iterate(step)) as batches,
         Progress(num_steps, step, experiment.method, enabled=show_progress) as progress):
     while step < num_steps:
-      state = train_step(state, next(batches))
+      use_statistics = statistics_step is not None and bool(is_update(step + 1))
+      state = (statistics_step if use_statistics else train_step)(state, next(batches))
       step += 1
       is_eval = step == num_steps or step % eval_every == 0
       is_log = is_eval or step % config.log_every == 0

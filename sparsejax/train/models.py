@@ -1,4 +1,4 @@
-"""Flax models of sparse training: LeNets and a ViT (MNIST), VGG / ResNet / WRN (CIFAR).
+"""Flax models of sparse training: LeNets and a ViT (MNIST), VGG / ResNet / WRN / ViT (CIFAR).
 
 Every model is called as ``model.apply(variables, x, train=False)``. The CIFAR models have
 BatchNorm (PyTorch's defaults: momentum 0.1, i.e. Flax ``momentum=0.9``, epsilon 1e-5), so a train
@@ -248,6 +248,80 @@ class ViT(nn.Module):
     return nn.Dense(self.num_classes, name="head")(nn.LayerNorm()(x[:, 0]))
 
 
+def _layer_norm() -> nn.LayerNorm:
+  """A LayerNorm with PyTorch's epsilon."""
+  return nn.LayerNorm(epsilon=1e-5)
+
+
+def _posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.0) -> jax.Array:
+  """lucidrains' fixed 2-D sin-cos position embedding of an h × w token grid: [h * w, dim]."""
+  y, x = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
+  omega = 1.0 / temperature ** (jnp.arange(dim // 4) / (dim // 4 - 1))
+  y, x = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+
+
+class _SimpleViTBlock(nn.Module):
+  """SimpleViT's block: x + attention (bias-free ``to_qkv``, ``to_out``), x + GELU MLP."""
+  heads: int
+  dim_head: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    qkv = nn.Dense(3 * self.heads * self.dim_head, use_bias=False, name="to_qkv")(
+        _layer_norm()(x))
+    q, k, v = (t.reshape(*t.shape[:-1], self.heads, self.dim_head)
+               for t in jnp.split(qkv, 3, axis=-1))
+    out = nn.dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(dim_head)) v
+    out = out.reshape(*x.shape[:-1], -1)  # heads merged: [..., heads * dim_head]
+    x = x + nn.Dense(x.shape[-1], use_bias=False, name="to_out")(out)
+    h = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(_layer_norm()(x)), approximate=False)
+    return x + nn.Dense(x.shape[-1], name="mlp_out")(h)
+
+
+class SimpleViT(nn.Module):
+  """lucidrains' SimpleViT (Beyer et al. 2022), by default GSE's "simple-vit-tiny" for CIFAR.
+
+  As in GSE's code (``models/simple_vit.py`` of the repository above): 4 × 4 patches (64 for
+  32 × 32 images) flattened in (row, column, channel) order, LayerNorm-dense-LayerNorm patch
+  embedding plus a fixed 2-D sin-cos position embedding (not a parameter), 4 pre-LayerNorm
+  blocks of width 512 with 6 heads of 64 and an MLP of 256, mean pooling, then LayerNorm and a
+  dense head (GSE's copy normalises the pooled vector, not the tokens before pooling as later
+  SimpleViTs do); LayerNorm epsilon 1e-5, exact GELU, no class token or dropout. Kernels keep
+  Flax's default init. 4,237,930 parameters for 10 classes.
+
+  Attributes:
+    num_classes: size of the output layer.
+    patch: patch side.
+    width: token width.
+    depth: number of blocks.
+    heads: attention heads.
+    dim_head: width of each head.
+    mlp_dim: hidden width of the MLPs.
+  """
+  num_classes: int = 10
+  patch: int = 4
+  width: int = 512
+  depth: int = 4
+  heads: int = 6
+  dim_head: int = 64
+  mlp_dim: int = 256
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train  # no BatchNorm or dropout
+    b, p, c = x.shape[0], self.patch, x.shape[-1]
+    h, w = x.shape[1] // p, x.shape[2] // p
+    x = x.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * w, p * p * c)
+    x = nn.Dense(self.width, name="patch_embedding")(_layer_norm()(x))
+    x = _layer_norm()(x)
+    x = x + _posemb_sincos_2d(h, w, self.width).astype(x.dtype)
+    for i in range(self.depth):
+      x = _SimpleViTBlock(self.heads, self.dim_head, self.mlp_dim, name=f"block_{i}")(x)
+    return nn.Dense(self.num_classes, name="head")(_layer_norm()(jnp.mean(x, axis=1)))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet300100": LeNet300100,
     "lenet5": LeNet5Caffe,
@@ -262,6 +336,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn28_8": functools.partial(WideResNet, depth=28, width=8),
     # For [N, 28, 28, 1] images: 16 patches of 7×7, width 64, 4 blocks of 4 heads.
     "vit": ViT,
+    # For [N, 32, 32, 3] images: GSE's simple-vit-tiny, the defaults of SimpleViT.
+    "vit_tiny": SimpleViT,
 }
 
 
@@ -270,7 +346,7 @@ def get_model(name: str, num_classes: int = 10) -> nn.Module:
 
   Args:
     name: one of ``MODELS``: "lenet300100", "lenet5" and "vit" for [N, 28, 28, 1] images; "vgg16",
-      "vgg16_quarter", "resnet56", "wrn16_8" and "wrn28_8" for [N, 32, 32, 3] images.
+      "vgg16_quarter", "resnet56", "wrn16_8", "wrn28_8" and "vit_tiny" for [N, 32, 32, 3] images.
     num_classes: size of the output layer.
 
   Returns:
