@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/exploration.sh sweep         # part 1: 90/95/98 %, 10 epochs (~20 min)
 #   bash benchmarks/exploration.sh long C        # part 2: 90 %, 3x and 5x the epochs, DST-EE at c=C
+#   bash benchmarks/exploration.sh gse           # GSE's three samplings at 90/95/98 % (~10 min)
 #   bash benchmarks/exploration.sh report        # tables and plots into benchmarks/results/exploration
 #
 # RUNS (default runs/exploration) holds the run directories; every command resumes.
@@ -33,8 +34,16 @@ case "${1:-}" in
       "$py" -m experiments.train --config=$config:dst_ee --seeds=0,1,2 --config.num_epochs=$e \
           --config.sparse.c="$c" --workdir="$runs/epochs$e/dst_ee_c$c"
     done ;;
+  gse)
+    for s in 0.9 0.95 0.98; do
+      for sampling in uniform grabo graest; do
+        "$py" -m experiments.train --config=$config:gse --seeds=0,1,2 \
+            --config.sparse.sparsity=$s --config.sparse.sampling=$sampling \
+            --workdir="$runs/sparsity$s/gse_$sampling"
+      done
+    done ;;
   report)
     "$py" -m experiments.report "$runs" --out=benchmarks/results/exploration ;;
   *)
-    sed -n '2,9p' "$0"; exit 2 ;;
+    sed -n '2,10p' "$0"; exit 2 ;;
 esac

@@ -83,7 +83,7 @@ def top_k_mask(scores: jax.Array, k: jax.Array | int, eligible: jax.Array | None
   k = jnp.minimum(jnp.asarray(k, jnp.int32), _count(ok))
 
   def add_bit(bit, threshold):
-    candidate = threshold | (jnp.uint32(1) << (31 - bit).astype(jnp.uint32))
+    candidate = threshold | (jnp.uint32(1) << jnp.asarray(31 - bit, jnp.uint32))
     # Ineligible keys are 0 < candidate, so they are never counted.
     return jnp.where(_count(key >= candidate) >= k, candidate, threshold)
 

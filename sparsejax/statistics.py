@@ -97,7 +97,7 @@ def _linen_call(loss_fn: Callable[..., Any], recorder: _Recorder, params: Any, a
     module = context.module
     if context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.DenseGeneral,
                                                                  nn.Conv)):
-      y = recorder("/".join(module.path) + "/kernel", module, call_args[0], y)
+      y = recorder("/".join((*module.path, "kernel")), module, call_args[0], y)
     return y
 
   with nn.intercept_methods(intercept):
@@ -108,7 +108,7 @@ def _nnx_call(loss_fn: Callable[..., Any], recorder: _Recorder, model: Any, args
   """``loss_fn(model, *args)`` with every nnx Linear, LinearGeneral and Conv call recorded."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  names = {id(node): "/".join(map(str, path)) + "/kernel"
+  names = {id(node): "/".join((*map(str, path), "kernel"))
            for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)}
   layers = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
   originals = {layer: layer.__call__ for layer in layers}

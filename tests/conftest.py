@@ -70,6 +70,18 @@ def reference_update(mask, drop_score, grow_score, fraction):
   return new, n_prune
 
 
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory):
+  """A tiny MNIST-format dataset (32 random 28x28 images per split) in IDX files."""
+  from sparsejax.data import write_idx_dataset  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  directory = tmp_path_factory.mktemp("mnist")
+  write_idx_dataset(directory, {
+      split: {"image": rng.integers(0, 256, (32, 28, 28), dtype=np.uint8),
+              "label": rng.integers(0, 10, 32, dtype=np.uint8)} for split in ("train", "test")})
+  return directory
+
+
 def mask_leaves(tree):
   """Flat list of the mask arrays (None for dense leaves)."""
   return jax.tree.leaves(tree, is_leaf=lambda x: x is None)

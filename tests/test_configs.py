@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from experiments.configs import cifar, cifar10, cifar100, common, fashion_mnist, mnist
-from sparsejax.data import write_idx_dataset
 from sparsejax.train import get_model, loop, validate_config
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -21,16 +20,6 @@ SETUPS = {"fashion_mnist": (fashion_mnist, fashion_mnist.MODELS),
           "mnist": (mnist, mnist.MODELS),
           "cifar10": (cifar10, cifar.MODELS),
           "cifar100": (cifar100, cifar.MODELS)}
-
-
-@pytest.fixture(scope="module")
-def mnist_dir(tmp_path_factory):
-  rng = np.random.default_rng(0)
-  directory = tmp_path_factory.mktemp("mnist")
-  write_idx_dataset(directory, {
-      split: {"image": rng.integers(0, 256, (32, 28, 28), dtype=np.uint8),
-              "label": rng.integers(0, 10, 32, dtype=np.uint8)} for split in ("train", "test")})
-  return directory
 
 
 def tiny(config, mnist_dir):

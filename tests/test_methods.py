@@ -290,10 +290,11 @@ STATE_METHODS = {
     "gmp": lambda: sj.gmp(optax.sgd(0.1), sparsity=0.7, update_every=3, end_step=9),
     "dst": lambda: sj.dst(optax.sgd(0.5), alpha=1e-2),
     "dst_ee": lambda: sj.dst_ee(optax.sgd(0.1), sparsity=0.7, update_every=3, end_step=9, c=0.1),
+    "gse": lambda: sj.gse(optax.sgd(0.1), sparsity=0.7, update_every=3, end_step=9),
 }
 # Which steps read the dense weight gradient: RigL's updates, every DST step.
 DENSE_GRADIENT_STEPS = {"static": [], "set": [], "rigl": [3, 6, 9], "gmp": [],
-                        "dst": list(range(1, 13)), "dst_ee": [3, 6, 9]}
+                        "dst": list(range(1, 13)), "dst_ee": [3, 6, 9], "gse": []}
 
 
 @pytest.mark.parametrize("method", list(STATE_METHODS))
@@ -320,7 +321,7 @@ def test_state_says_what_the_step_did(mlp, method):
   assert read_dense == DENSE_GRADIENT_STEPS[method]
   if method != "dst":  # the cosine drop fraction is 0 at end_step: step 9 changes nothing
     assert changed == {"static": [], "set": [3, 6], "rigl": [3, 6], "gmp": [1, 3, 6, 9],
-                       "dst_ee": [3, 6]}[method]
+                       "dst_ee": [3, 6], "gse": [3, 6]}[method]
   expected = sum(int(e.sum()) for e in ever if e is not None) / sum(
       e.size for e in ever if e is not None)
   assert sj.coverage(after)["global"] == pytest.approx(expected, abs=1e-12)

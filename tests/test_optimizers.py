@@ -69,11 +69,13 @@ METHODS = {
     "set": lambda inner: sj.set(inner, **UPDATE),
     "rigl": lambda inner: sj.rigl(inner, **UPDATE),
     "dst_ee": lambda inner: sj.dst_ee(inner, c=0.1, **UPDATE),
+    "gse": lambda inner: sj.gse(inner, sparsity=0.8, update_every=2, end_step=6,
+                                scope="layer"),
     "gmp": lambda inner: sj.gmp(inner, sparsity=0.8, update_every=2, end_step=6,
                                 distribution="erk", initial_sparsity=0.3),
     "dst": lambda inner: sj.dst(inner, alpha=1e-2),
 }
-WRAPPED = ("static", "set", "rigl", "dst_ee", "gmp")  # train_at_update: tests/test_methods.py
+WRAPPED = ("static", "set", "rigl", "dst_ee", "gse", "gmp")  # train_at_update: tests/test_methods.py
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
@@ -100,7 +102,7 @@ def test_method_around_optimizer(net, method, optimizer):
     params, state, updates, reference = step(params, state, batch(i))
     masks = sj.masks(state)
     assert_exactly_sparse(params, masks)
-    if method in ("static", "set", "rigl", "dst_ee"):
+    if method in ("static", "set", "rigl", "dst_ee", "gse"):
       assert nnz_per_leaf(masks) == targets
     unchanged = all(m is None or np.array_equal(m, o) for m, o in
                     zip(mask_leaves(masks), mask_leaves(old_masks), strict=True))
