@@ -11,7 +11,9 @@ per-channel normalisation for all):
   learning rate 0.1 (0.01 for ``vit_tiny``, GSE's "CNNs: 0.1, ViT: 0.01") with a 5-epoch
   linear warm-up, divided by 10 at epochs 80 and 120, 200 epochs, batch 128, weight
   decay 1e-4; masks updated every 1,000 steps until epoch 120 with a drop fraction 0.2
-  cosine-decayed, ER distribution, all kernels sparse.
+  cosine-decayed (``gse``: growth fraction 0.1·(1 + cos), the paper's; its sampling is
+  ``--config.sparse.sampling=uniform|grabo|graest``), ER distribution, all kernels
+  sparse.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def cifar_config(arg: str | None, dataset: str) -> ml_collections.ConfigDict:
     config = common.base_config(
         dataset, model, augment=True,
         sparse=common.sparse_config(method, distribution="er", update_every=1000,
-                                    drop_fraction=0.2, alpha=5e-6),
+                                    drop_fraction=0.2, growth_fraction=0.1, alpha=5e-6),
         optimizer=common.optimizer_config(0.01 if model == "vit_tiny" else 0.1,
                                           weight_decay=1e-4, schedule="step",
                                           decay_epochs=(80, 120), decay_factor=0.1,

@@ -1,7 +1,7 @@
 r"""Sparse training of LeNet-300-100 (or LeNet-5-Caffe, or a small ViT) on Fashion-MNIST.
 
 The argument is ``method[,model]``: ``dense``, ``static``, ``set``, ``rigl`` (default),
-``dst_ee``, ``gmp``, ``dst`` (or any other sparsejax method); ``lenet300100`` (default), ``lenet5``
+``dst_ee``, ``gse``, ``gmp``, ``dst`` (or any other sparsejax method); ``lenet300100`` (default), ``lenet5``
 or ``vit``.
 Run from the repository root:
 
@@ -17,7 +17,8 @@ Run from the repository root:
 SGD with momentum 0.9, learning rate 0.02, batch 128, 10 epochs, 90 % sparsity (ERK),
 masks updated every 100 steps until 75 % of training, drop fraction 0.3 (SET, RigL and
 DST-EE alike, so that DST-EE differs from RigL only by its exploration bonus, c = 1e-2
-by default: ``--config.sparse.c=0.1``).
+by default: ``--config.sparse.c=0.1``); GSE's growth fraction 0.15 starts its cosine at
+the same 0.3 (``--config.sparse.sampling=grabo`` for guided sampling).
 
 ``dst`` (Liu et al., ICLR 2020) has no target sparsity: ``sparse.alpha`` sets how hard
 its thresholds are pushed up (larger → sparser), and it uses the DST paper's MNIST
