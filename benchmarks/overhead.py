@@ -3,7 +3,7 @@
 Run::
 
   python benchmarks/overhead.py [--models lenet,mlp1024] \
-      [--methods static,set,rigl,dst_ee,gmp,dst] \
+      [--methods static,set,rigl,dst_ee,gse,gse_grabo,gmp,dst] \
       [--repeats 7] [--calls 5] [--sparsity 0.9]
 
 Models (flax.linen MLPs with ReLU, trained with ``optax.adam(1e-3)`` on one fixed
@@ -25,7 +25,9 @@ Non-update and mask-update steps are timed separately by building each method tw
   ``where``s, which is the overhead paid on the ~99 % of steps that do not rewire.
 - **update step**: ``update_every=1, end_step=10**9``, so every step is a mask
   update (drop/grow or prune selection, inner-state reset). For SET, RigL and
-  DST-EE (here with RigL's drop fraction 0.3, its acquisition score at c = 1e-2) the
+  DST-EE (here with RigL's drop fraction 0.3, its acquisition score at c = 1e-2) and
+  GSE (uniform sampling, ``gse``, or GraBo with the statistics computed in the update
+  step, ``gse_grabo``; growth fraction 0.15, so α starts at 0.3; global scope) the
   drop fraction stays ≈ 0.3 (its cosine decay to ``end_step`` barely starts); for
   GMP the cubic schedule barely starts either, so masks stay nearly dense -- the
   cost of the exact top-k selection does not depend on k.
@@ -75,7 +77,7 @@ MODELS = {
     "lenet": ("LeNet-300-100", (300, 100, 10)),
     "mlp1024": ("1024-1024-1024-10", (1024, 1024, 1024, 10)),
 }
-METHODS = ("static", "set", "rigl", "dst_ee", "gmp", "dst")
+METHODS = ("static", "set", "rigl", "dst_ee", "gse", "gse_grabo", "gmp", "dst")
 NO_UPDATE_STEP = ("static", "dst")  # static never rewires; DST updates its masks every step
 BATCH = 256
 IN_FEATURES = 784
@@ -117,24 +119,39 @@ def make_tx(method: str, update_every: int | None, sparsity: float
     factory = {"set": sj.set, "rigl": sj.rigl, "dst_ee": sj.dst_ee}[method]
     return factory(inner, sparsity=sparsity, distribution="erk", update_every=update_every,
                    end_step=END_STEP, drop_fraction=0.3)
+  if method in ("gse", "gse_grabo"):
+    return sj.gse(inner, sparsity=sparsity, distribution="erk", update_every=update_every,
+                  end_step=END_STEP, growth_fraction=0.15,
+                  sampling="grabo" if method == "gse_grabo" else "uniform")
   if method == "gmp":
     return sj.gmp(inner, sparsity=sparsity, update_every=update_every, start_step=0,
                   end_step=END_STEP)
   raise ValueError(f"unknown method {method!r}; expected 'dense' or one of {METHODS}")
 
 
-def make_step(model: nn.Module, tx: optax.GradientTransformation) -> Callable[..., Any]:
+def make_step(model: nn.Module, tx: optax.GradientTransformation, statistics: str | None = None
+              ) -> Callable[..., Any]:
   """A jitted train step ``(params, opt_state, x, y) -> (params, opt_state, loss)``.
 
-  Params and optimizer state are donated.
+  Params and optimizer state are donated. With ``statistics`` (GSE's GraBo), the step
+  computes the layers' statistics (:func:`sparsejax.value_grad_and_statistics`) and
+  passes them to ``tx.update``, as at a mask update; "none" passes
+  ``layer_statistics=None``, as on the other steps.
   """
   def loss_fn(params, x, y):
     logits = model.apply({"params": params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   def step(params, opt_state, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    extra_args = {}
+    if statistics in (None, "none"):
+      loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+      if statistics == "none":
+        extra_args["layer_statistics"] = None
+    else:
+      loss, grads, extra_args["layer_statistics"] = sj.value_grad_and_statistics(
+          loss_fn, params, x, y, sampling=statistics)
+    updates, opt_state = tx.update(grads, opt_state, params, **extra_args)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 1))
@@ -144,9 +161,9 @@ class Variant:
   """One timed configuration: a compiled step and the state it carries between calls."""
 
   def __init__(self, name: str, kind: str, model: nn.Module, tx: optax.GradientTransformation,
-               params: Any, x: jax.Array, y: jax.Array):
+               params: Any, x: jax.Array, y: jax.Array, statistics: str | None = None):
     self.name, self.kind = name, kind
-    self.step = make_step(model, tx)
+    self.step = make_step(model, tx, statistics)
     # Own copies: the step donates its arguments.
     self.params = jax.tree.map(jnp.copy, params)
     self.opt_state = tx.init(self.params)
@@ -186,11 +203,12 @@ def bench_model(model_key: str, methods: Sequence[str], repeats: int, calls: int
 
   variants = [Variant("dense", "train", model, make_tx("dense", None, sparsity), params, x, y)]
   for method in methods:
+    guided = method == "gse_grabo"  # statistics at the update step only
     variants.append(Variant(method, "train", model, make_tx(method, NEVER, sparsity),
-                            params, x, y))
+                            params, x, y, "none" if guided else None))
     if method not in NO_UPDATE_STEP:
       variants.append(Variant(method, "update", model, make_tx(method, 1, sparsity),
-                              params, x, y))
+                              params, x, y, "grabo" if guided else None))
   for v in variants:  # compile, and run GMP's step-1 pruning outside the timed window
     for _ in range(warmup):
       v.call(timed=False)

@@ -106,19 +106,21 @@ def sample_pairs(key: jax.Array, count: int, fan_in: int, fan_out: int,
   return (_draw(input_key, inputs, fan_in, count), _draw(output_key, outputs, fan_out, count))
 
 
-def first_occurrences(flat: jax.Array, valid: jax.Array) -> jax.Array:
-  """``valid`` with every repeated value of ``flat`` kept only at its first valid position.
+def distinct(flat: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The distinct valid values of ``flat``, sorted: sampling with replacement repeats pairs.
 
-  Sampling with replacement repeats pairs; a repeated pair is one candidate.
+  One sort of ``flat`` (no payload: a few ms for 10⁵ values on a CPU core).
 
   Args:
     flat: int32 indices, shape [m].
     valid: bool, shape [m].
 
   Returns:
-    A bool array of shape [m].
+    ``(values, first)``: ``flat``'s valid values in increasing order, padded with
+    int32's maximum, and a bool array that is True at the first copy of each value
+    (False on the padding).
   """
-  order = jnp.lexsort((jnp.arange(flat.size), ~valid, flat))  # by index, valid ones first
-  sorted_flat, sorted_valid = flat[order], valid[order]
-  repeat = jnp.concatenate([jnp.zeros((1,), bool), sorted_flat[1:] == sorted_flat[:-1]])
-  return jnp.zeros_like(valid).at[order].set(sorted_valid & ~repeat)
+  padding = jnp.iinfo(jnp.int32).max
+  values = jnp.sort(jnp.where(valid, flat, padding))
+  first = jnp.concatenate([jnp.ones((1,), bool), values[1:] != values[:-1]])
+  return values, first & (values != padding)

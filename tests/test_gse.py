@@ -327,12 +327,12 @@ def test_bad_arguments_are_one_line_errors(keywords, message):
   assert "\n" not in str(error.value)
 
 
-def test_first_occurrences_keeps_one_of_each_pair():
-  flat = jnp.asarray([5, 3, 5, 7, 3, 5])
-  valid = jnp.asarray([False, True, True, True, True, True])
-  np.testing.assert_array_equal(sampling.first_occurrences(flat, valid),
-                                [False, True, True, True, False, False])
-
+def test_distinct_keeps_each_valid_pair_once():
+  flat = jnp.asarray([5, 3, 5, 7, 3, 5, 9])
+  valid = jnp.asarray([False, True, True, True, True, True, False])
+  values, first = sampling.distinct(flat, valid)
+  np.testing.assert_array_equal(values[first], [3, 5, 7])
+  assert int(first.sum()) == 3 and values.shape == (7,)
 
 def test_the_runner_computes_statistics_at_update_steps_only(mnist_dir, monkeypatch):
   """:gse with GraEst on LeNet-5 (conv and dense kernels): the statistics step runs at

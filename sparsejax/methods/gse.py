@@ -5,7 +5,7 @@ multiplies by (:func:`sparsejax.distributions.matrix_shape`). A leaf sparser tha
 samples ``⌊subset_factor · nnz⌋`` (input, output) pairs with replacement, the input
 from f and the output from g (:mod:`sparsejax.sampling`: uniform, GraBo or GraEst),
 and keeps the inactive ones (a pair drawn twice counts once); a denser leaf takes all
-its inactive weights. The ``k = int(α_t · nnz)`` candidates with the largest
+its inactive weights. The ``k = int(α_t · nnz)`` candidates (ties to the lower index) with the largest
 |∂L/∂w| — read at the candidates only — are grown at 0 with a fresh optimizer state,
 then the active weights are pruned by magnitude back to the target count, never a
 weight grown in this update. With ``scope="global"`` both choices run across all
@@ -52,7 +52,7 @@ from sparsejax.masks import (
 from sparsejax.sampling import (
   LayerStatistics,
   check_sampling,
-  first_occurrences,
+  distinct,
   sample_pairs,
 )
 from sparsejax.scores import ScoreInputs
@@ -231,8 +231,9 @@ def gse(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
     rows, cols = sample_pairs(key, capacity, fan_in, fan_out, stats)
     flat = rows * fan_out + cols
     count = jnp.minimum(jnp.floor(subset_factor * active.sum()), capacity)
-    eligible = (jnp.arange(capacity) < count) & ~active[flat]
-    return _Candidates(flat, magnitude[flat], first_occurrences(flat, eligible))
+    flat, eligible = distinct(flat, (jnp.arange(capacity) < count) & ~active[flat])
+    flat = jnp.minimum(flat, mask.size - 1)  # the padding reads a real entry, never chosen
+    return _Candidates(flat, magnitude[flat], eligible)
 
   def update_masks(inputs: ScoreInputs):
     stats = statistics(inputs)
