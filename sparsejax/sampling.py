@@ -31,39 +31,37 @@ def check_sampling(sampling: str) -> None:
     raise ValueError(f"unknown sampling {sampling!r}; expected one of {list(SAMPLINGS)}")
 
 
+def side_statistic(rows: jax.Array, signs: jax.Array | None = None) -> jax.Array:
+  """One side's statistic: Σ_rows |x| (GraBo, no signs) or |Σ_rows s·x| (GraEst).
+
+  Args:
+    rows: the layer's inputs h as ``[rows, fan_in]`` or the loss gradient at its
+      outputs δ as ``[rows, fan_out]`` (rows: examples, tokens or conv patches).
+    signs: GraEst's ±1 per row, the same for h and δ; None for GraBo.
+
+  Returns:
+    A non-negative vector over the side's units.
+  """
+  if signs is None:
+    return jnp.abs(rows).sum(0)
+  return jnp.abs(signs.astype(rows.dtype) @ rows)
+
+
 def grabo(inputs: jax.Array, output_grads: jax.Array) -> LayerStatistics:
   """GraBo's upper bound: f = Σ_rows |h|, g = Σ_rows |δ|.
 
   Since |Σ_b h_a δ_b| ≤ (Σ_b |h_a|)(Σ_b |δ_b|), sampling a ∝ f and b ∝ g favours the
   pairs whose gradient can be large.
-
-  Args:
-    inputs: the layer's inputs h as ``[rows, fan_in]`` (rows: examples, tokens or
-      conv patch positions).
-    output_grads: the loss gradient at the layer's outputs δ as ``[rows, fan_out]``.
-
-  Returns:
-    The layer's :class:`LayerStatistics`.
   """
-  return LayerStatistics(jnp.abs(inputs).sum(0), jnp.abs(output_grads).sum(0))
+  return LayerStatistics(side_statistic(inputs), side_statistic(output_grads))
 
 
 def graest(inputs: jax.Array, output_grads: jax.Array, signs: jax.Array) -> LayerStatistics:
   """GraEst's AMS sketch: f = |Σ_rows s·h|, g = |Σ_rows s·δ| with one random sign per row.
 
-  f_a · g_b estimates |Σ_rows h_a δ_b|, the gradient's magnitude, in expectation.
-
-  Args:
-    inputs: h as ``[rows, fan_in]``.
-    output_grads: δ as ``[rows, fan_out]``.
-    signs: ±1 per row, shared by h and δ.
-
-  Returns:
-    The layer's :class:`LayerStatistics`.
+  f_a · g_b estimates |Σ_rows h_a δ_b|, the gradient's magnitude.
   """
-  signs = signs.astype(inputs.dtype)[:, None]
-  return LayerStatistics(jnp.abs((signs * inputs).sum(0)),
-                         jnp.abs((signs.astype(output_grads.dtype) * output_grads).sum(0)))
+  return LayerStatistics(side_statistic(inputs, signs), side_statistic(output_grads, signs))
 
 
 def random_signs(key: jax.Array, rows: int) -> jax.Array:

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sparsejax.sampling import LayerStatistics, check_sampling, grabo, graest, random_signs
+from sparsejax.sampling import LayerStatistics, check_sampling, random_signs, side_statistic
 
 Statistics = dict[str, LayerStatistics]
 
@@ -67,22 +67,35 @@ def _input_rows(layer: Any, x: jax.Array) -> jax.Array:
 
 
 class _Recorder:
-  """Records each intercepted kernel-layer call: its name, input rows and output."""
+  """Sees each intercepted kernel-layer call: records its name, output shape and input
+  statistic, and adds its zero perturbation to the output. ``sampling=None`` does nothing."""
 
-  def __init__(self, perturbations: list[jax.Array] | None = None):
-    self.perturbations = perturbations
+  def __init__(self, sampling: str | None = None, key: jax.Array | None = None,
+               perturbations: list[jax.Array] | None = None):
+    self.sampling, self.key, self.perturbations = sampling, key, perturbations
     self.names: list[str] = []
-    self.inputs: list[jax.Array] = []
     self.outputs: list[jax.ShapeDtypeStruct] = []
+    self.rows: list[int] = []
+    self.inputs: list[jax.Array] = []  # f of each call, reduced here: no patches kept
+
+  def signs(self, index: int, rows: int) -> jax.Array | None:
+    """GraEst's signs of call ``index`` (None for GraBo), shared by its h and δ."""
+    if self.sampling != "graest":
+      return None
+    return random_signs(jax.random.fold_in(self.key, index), rows)
 
   def __call__(self, name: str, layer: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+    if self.sampling is None:
+      return y
     if getattr(layer, "batch_dims", ()) or getattr(layer, "batch_axis", {}):
       raise NotImplementedError(f"{name}: GSE statistics of batched DenseGeneral kernels are "
                                 "not supported")
     index = len(self.names)
+    rows = _input_rows(layer, x)
     self.names.append(name)
-    self.inputs.append(_input_rows(layer, x))
     self.outputs.append(jax.ShapeDtypeStruct(y.shape, y.dtype))
+    self.rows.append(rows.shape[0])
+    self.inputs.append(side_statistic(rows, self.signs(index, rows.shape[0])))
     if self.perturbations is not None:
       y = y + self.perturbations[index].astype(y.dtype)
     return y
@@ -127,16 +140,14 @@ def _nnx_call(loss_fn: Callable[..., Any], recorder: _Recorder, model: Any, args
       layer.__call__ = original
 
 
-def _reduce(sampling: str, names: list[str], inputs: list[jax.Array],
-            output_grads: list[jax.Array], key: jax.Array | None) -> Statistics:
-  """f and g of every call, summed over the calls of the same layer."""
+def _collect(recorder: _Recorder, inputs: list[jax.Array], output_grads: list[jax.Array]
+             ) -> Statistics:
+  """f (computed in the call) and g of every call the recorder saw, summed per layer."""
   statistics: Statistics = {}
-  for index, (name, h, delta) in enumerate(zip(names, inputs, output_grads)):
-    delta = delta.reshape(h.shape[0], -1)
-    if sampling == "grabo":
-      stats = grabo(h, delta)
-    else:
-      stats = graest(h, delta, random_signs(jax.random.fold_in(key, index), h.shape[0]))
+  for index, (name, f, rows, delta) in enumerate(zip(recorder.names, inputs, recorder.rows,
+                                                     output_grads)):
+    g = side_statistic(delta.reshape(rows, -1), recorder.signs(index, rows))
+    stats = LayerStatistics(f, g)
     if name in statistics:  # a layer applied more than once
       stats = jax.tree.map(jnp.add, statistics[name], stats)
     statistics[name] = stats
@@ -205,18 +216,18 @@ def value_grad_and_statistics(loss_fn: Callable[..., Any], params: Any, *args: A
         lambda p, r: call(_Recorder(), p, r), has_aux=True)(params, rest)
     statistics: Statistics = {}
   else:
-    shapes = _Recorder()
+    shapes = _Recorder(sampling, key)
     jax.eval_shape(lambda p, r: call(shapes, p, r), params, rest)
     zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes.outputs]
 
     def perturbed(params, perturbations, rest):
-      recorder = _Recorder(perturbations)
+      recorder = _Recorder(sampling, key, perturbations)
       value, extra = call(recorder, params, rest)
-      return value, (extra, recorder.names, recorder.inputs)
+      return value, (extra, recorder.inputs)
 
-    (value, ((aux, rest_out), names, inputs)), (grads, output_grads) = jax.value_and_grad(
+    (value, ((aux, rest_out), inputs)), (grads, output_grads) = jax.value_and_grad(
         perturbed, argnums=(0, 1), has_aux=True)(params, zeros, rest)
-    statistics = _reduce(sampling, names, inputs, output_grads, key)
+    statistics = _collect(shapes, inputs, output_grads)
   if model is not None:  # the other state (e.g. batch statistics) back; grads as nnx.grad's
     nnx.update(model, rest_out)
     grads = jax.tree.map(lambda variable, grad: variable.replace(grad), boxed, grads,
