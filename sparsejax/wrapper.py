@@ -51,6 +51,12 @@ class SparseState(NamedTuple):
   ever_active: Any  # masks | all earlier masks; None when masks never change
 
 
+def no_extra(params: Any, masks: Any) -> tuple[()]:
+  """The method state of a method that keeps none: ``()``."""
+  del params, masks
+  return ()
+
+
 class Topology(NamedTuple):
   """How a method's masks start and change.
 
@@ -68,7 +74,7 @@ class Topology(NamedTuple):
       gradient in FLOPs accounting.
   """
   init_masks: Callable[[Any, jax.Array], Any]
-  init_extra: Callable[[Any, Any], Any] = lambda params, masks: ()
+  init_extra: Callable[[Any, Any], Any] = no_extra
   is_update_step: Callable[[jax.Array], jax.Array] | None = None
   update_masks: Callable[[ScoreInputs], tuple[Any, Any]] | None = None
   train_at_update: bool = True

@@ -10,7 +10,7 @@ import optax
 from sparsejax import distributions, schedules, scores
 from sparsejax.masks import DensePredicate
 from sparsejax.topology import drop_and_grow, random_init
-from sparsejax.wrapper import Topology, sparse_wrapper
+from sparsejax.wrapper import Topology, no_extra, sparse_wrapper
 
 
 def drop_grow_method(inner: optax.GradientTransformation, grow_score: scores.ScoreFn, *,
@@ -19,7 +19,7 @@ def drop_grow_method(inner: optax.GradientTransformation, grow_score: scores.Sco
                      drop_fraction: float | optax.Schedule, dense: DensePredicate,
                      seed: int, train_at_update: bool = False,
                      reads_dense_gradient: bool = False,
-                     init_extra: Callable[[Any, Any], Any] | None = None,
+                     init_extra: Callable[[Any, Any], Any] = no_extra,
                      update_extra: Callable[[scores.ScoreInputs], Any] | None = None
                      ) -> optax.GradientTransformationExtraArgs:
   """A RigL-family method: magnitude drop, the given grow score, cosine drop fraction.
@@ -39,7 +39,7 @@ def drop_grow_method(inner: optax.GradientTransformation, grow_score: scores.Sco
     train_at_update: False (RigL's Algorithm 1): a mask-update step only rewires;
       True: the weights active before and after it also take the optimizer step.
     reads_dense_gradient: whether ``grow_score`` reads the dense gradient.
-    init_extra: optional ``(params, masks) -> extra``, the method's own state.
+    init_extra: ``(params, masks) -> extra``, the method's own state (none by default).
     update_extra: optional ``ScoreInputs -> extra`` run at each mask update before
       the scores (see :func:`sparsejax.drop_and_grow`).
 
@@ -50,7 +50,7 @@ def drop_grow_method(inner: optax.GradientTransformation, grow_score: scores.Sco
   distributions.check_distribution(distribution)
   topology = Topology(
       init_masks=random_init(sparsity, distribution, dense),
-      init_extra=init_extra or Topology._field_defaults["init_extra"],
+      init_extra=init_extra,
       is_update_step=schedules.update_steps(update_every, start_step, end_step),
       update_masks=drop_and_grow(
           scores.magnitude, grow_score,

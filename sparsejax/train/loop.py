@@ -81,16 +81,15 @@ class Experiment(NamedTuple):
   @property
   def statistics(self) -> str | None:
     """The per-layer statistics the method needs at its mask updates (GSE's sampling)."""
-    return _statistics(self.config.sparse)
+    entry = _entry(self.method)
+    if entry is None or entry.statistics is None:
+      return None
+    return entry.statistics(self.config.sparse)
 
 
 def _entry(method: str) -> sparsejax.registry.MethodEntry | None:
+  """The registry entry of ``method``; None for dense training."""
   return None if method == sparsejax.registry.DENSE else sparsejax.registry.entry(method)
-
-
-def _statistics(sparse: Any) -> str | None:
-  entry = _entry(sparse["method"])
-  return None if entry is None or entry.statistics is None else entry.statistics(sparse)
 
 
 def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
