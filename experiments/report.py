@@ -521,42 +521,40 @@ def plot_coverage(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
     path: the PNG to write.
 
   Returns:
-    ``path``, or None when no group has a coverage. One colour per method, each
-    point labelled with its target sparsity and the config values telling it apart
-    (e.g. ``num_epochs=30``); dense groups are dashed horizontal lines.
+    ``path``, or None when no group has a coverage. One colour per method, one
+    marker per target sparsity (groups differing in other settings, e.g. epochs, are
+    separate points of the same look); dense groups are thin grey lines.
   """
   sparse = [row for row in rows if row["coverage"] is not None
             and row["test_accuracy"] is not None]
   if not sparse:
     return None
-  labels = method_labels(row["key"] for row in rows)
   methods = sorted({row["key"].method for row in sparse})
   colors = {method: f"C{i % 10}" for i, method in enumerate(methods)}
+  targets = sorted({row["key"].target_sparsity for row in sparse},
+                   key=lambda t: -1.0 if t is None else t)
+  markers = {target: "osD^vP*X"[i % 8] for i, target in enumerate(targets)}
   figure = _new_figure()
   axes = figure.add_subplot(1, 1, 1)
-  for index, row in enumerate(r for r in rows if r["key"].method == DENSE
-                              and r["test_accuracy"] is not None):
-    axes.axhline(100.0 * row["test_accuracy"], color="black", linewidth=1,
-                 linestyle=("--", ":", "-.")[index % 3], label=labels[row["key"]])
+  dense = [row for row in rows if row["key"].method == DENSE and row["test_accuracy"] is not None]
+  for index, row in enumerate(dense):
+    axes.axhline(100.0 * row["test_accuracy"], color="grey", linewidth=0.8,
+                 label="dense (each setting)" if index == 0 else None)
+  for row in sparse:
+    key = row["key"]
+    axes.errorbar(100.0 * row["coverage"], 100.0 * row["test_accuracy"],
+                  yerr=100.0 * (row["test_accuracy_std"] or 0.0), linestyle="none",
+                  marker=markers[key.target_sparsity], markersize=5, capsize=3,
+                  color=colors[key.method])
   for method in methods:
-    members = [row for row in sparse if row["key"].method == method]
-    axes.errorbar([100.0 * row["coverage"] for row in members],
-                  [100.0 * row["test_accuracy"] for row in members],
-                  yerr=[100.0 * (row["test_accuracy_std"] or 0.0) for row in members],
-                  linestyle="none", marker="o", markersize=5, capsize=3, color=colors[method],
-                  label=_seeds_label(method, [row["n"] for row in members]))
-    for row in members:
-      key = row["key"]
-      note = "" if key.target_sparsity is None else f"{100.0 * key.target_sparsity:g} %"
-      suffix = labels[key][len(key.method):].strip(" ()")
-      axes.annotate(", ".join(part for part in (note, suffix) if part),
-                    (100.0 * row["coverage"], 100.0 * row["test_accuracy"]),
-                    textcoords="offset points", xytext=(4, 3), fontsize="x-small",
-                    color=colors[method])
+    axes.plot([], [], linestyle="none", marker="o", color=colors[method], label=method)
+  for target in targets:
+    name = "-" if target is None else f"{100.0 * target:g} %"
+    axes.plot([], [], linestyle="none", marker=markers[target], color="black", label=name)
   axes.set_xlabel("coverage (% of masked weights ever active, mean over seeds)")
   axes.set_ylabel("test accuracy (%, mean ± std over seeds)")
   axes.grid(True, alpha=0.3)
-  axes.legend(fontsize="small")
+  axes.legend(fontsize="x-small", ncol=2)
   return _save(figure, path)
 
 
