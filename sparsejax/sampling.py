@@ -104,20 +104,30 @@ def sample_pairs(key: jax.Array, count: int, fan_in: int, fan_out: int,
   return (_draw(input_key, inputs, fan_in, count), _draw(output_key, outputs, fan_out, count))
 
 
-def distinct(flat: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The distinct valid values of ``flat``, sorted: sampling with replacement repeats pairs.
+def distinct(flat: jax.Array, valid: jax.Array, size: int | None = None
+             ) -> tuple[jax.Array, jax.Array]:
+  """Each distinct valid value of ``flat`` once: sampling with replacement repeats pairs.
 
-  One sort of ``flat`` (no payload: a few ms for 10⁵ values on a CPU core).
+  Without ``size``, one sort of ``flat`` (no payload; memory O(m), for layers that
+  never hold a dense array). With ``size`` (the number of possible values), one
+  scatter into a scratch of ``size`` entries and one gather instead: ~15× faster on
+  a CPU, for the masked mode, whose layers are dense arrays anyway.
 
   Args:
-    flat: int32 indices, shape [m].
+    flat: int32 indices in [0, size), shape [m].
     valid: bool, shape [m].
+    size: optional number of possible values.
 
   Returns:
-    ``(values, first)``: ``flat``'s valid values in increasing order, padded with
-    int32's maximum, and a bool array that is True at the first copy of each value
-    (False on the padding).
+    ``(values, first)``: without ``size``, ``flat``'s valid values in increasing
+    order padded with int32's maximum; with ``size``, ``flat`` itself. ``first`` is
+    True at exactly one copy of each distinct valid value (the first in that order).
   """
+  if size is not None:
+    position = jnp.arange(flat.size, dtype=jnp.int32)
+    claimed = jnp.full((size,), flat.size, jnp.int32).at[flat].min(
+        jnp.where(valid, position, flat.size))
+    return flat, valid & (claimed[flat] == position)
   padding = jnp.iinfo(jnp.int32).max
   values = jnp.sort(jnp.where(valid, flat, padding))
   first = jnp.concatenate([jnp.ones((1,), bool), values[1:] != values[:-1]])

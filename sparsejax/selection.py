@@ -57,6 +57,63 @@ def _first_in_order(flags: jax.Array, room: jax.Array) -> jax.Array:
   return flags & ((through_row <= room)[:, None] | partial)
 
 
+def _layout(scores: jax.Array, eligible: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """``(key, ok)`` as ``[rows, _COLUMNS]``: order-preserving keys, 0 where not eligible."""
+  n = scores.size
+  rows = max(-(-n // _COLUMNS), 1)
+  if rows > 2**24:
+    raise ValueError(f"top_k_mask supports up to 2**31 entries per array, got {n}")
+  ok = jnp.ones((n,), bool) if eligible is None else eligible.reshape(-1)
+  key = jnp.where(ok, sortable_key(scores.reshape(-1)), jnp.uint32(0))
+  padding = rows * _COLUMNS - n  # padded entries: key 0 and not eligible, never chosen
+  return (jnp.pad(key, (0, padding)).reshape(rows, _COLUMNS),
+          jnp.pad(ok, (0, padding)).reshape(rows, _COLUMNS))
+
+
+def top_k_masks(scores: list[jax.Array], k: jax.Array | int,
+                eligible: list[jax.Array | None] | None = None) -> list[jax.Array]:
+  """Marks the ``k`` eligible entries with the highest scores across several arrays.
+
+  One selection over all of them, as if they were concatenated (without forming
+  the concatenation): exactly ``min(k, number eligible)`` entries are marked, and
+  among equal scores an earlier array, then a lower flat index, wins.
+
+  Args:
+    scores: float arrays of any shapes (no NaN).
+    k: number of entries to select in total (may be a traced integer scalar).
+    eligible: optional bool arrays like ``scores`` (None entries: all eligible).
+
+  Returns:
+    Bool arrays like ``scores``.
+  """
+  eligible = eligible or [None] * len(scores)
+  layouts = [_layout(s, e) for s, e in zip(scores, eligible)]
+
+  def count(flags):
+    return sum(_count(f) for f in flags)
+
+  k = jnp.minimum(jnp.asarray(k, jnp.int32), count(ok for _, ok in layouts))
+
+  def add_bit(bit, threshold):
+    candidate = threshold | (jnp.uint32(1) << jnp.asarray(31 - bit, jnp.uint32))
+    # Ineligible keys are 0 < candidate, so they are never counted.
+    return jnp.where(count(key >= candidate for key, _ in layouts) >= k, candidate, threshold)
+
+  # The largest threshold with at least k eligible keys at or above it: the k-th key.
+  kth = jax.lax.fori_loop(0, 32, add_bit, jnp.uint32(0))
+  room = k - count(key > kth for key, _ in layouts)
+  out = []
+  for (key, ok), s in zip(layouts, scores):
+    tied = ok & (key == kth)
+    ties = _count(tied)
+    # Ties at the k-th key are rare for continuous scores: break them only when needed.
+    chosen = jax.lax.cond(ties > room, _first_in_order, lambda t, r: t, tied,
+                          jnp.maximum(room, 0))
+    room = room - jnp.minimum(ties, jnp.maximum(room, 0))
+    out.append(((key > kth) | chosen).reshape(-1)[:s.size].reshape(s.shape))
+  return out
+
+
 def top_k_mask(scores: jax.Array, k: jax.Array | int, eligible: jax.Array | None = None) -> jax.Array:
   """Marks the ``k`` eligible entries with the highest scores.
 
@@ -71,27 +128,4 @@ def top_k_mask(scores: jax.Array, k: jax.Array | int, eligible: jax.Array | None
   Returns:
     A bool array like ``scores``.
   """
-  n = scores.size
-  rows = max(-(-n // _COLUMNS), 1)
-  if rows > 2**24:
-    raise ValueError(f"top_k_mask supports up to 2**31 entries, got {n}")
-  ok = jnp.ones((n,), bool) if eligible is None else eligible.reshape(-1)
-  key = jnp.where(ok, sortable_key(scores.reshape(-1)), jnp.uint32(0))
-  padding = rows * _COLUMNS - n  # padded entries: key 0 and not eligible, never chosen
-  key = jnp.pad(key, (0, padding)).reshape(rows, _COLUMNS)
-  ok = jnp.pad(ok, (0, padding)).reshape(rows, _COLUMNS)
-  k = jnp.minimum(jnp.asarray(k, jnp.int32), _count(ok))
-
-  def add_bit(bit, threshold):
-    candidate = threshold | (jnp.uint32(1) << jnp.asarray(31 - bit, jnp.uint32))
-    # Ineligible keys are 0 < candidate, so they are never counted.
-    return jnp.where(_count(key >= candidate) >= k, candidate, threshold)
-
-  # The largest threshold with at least k eligible keys at or above it: the k-th key.
-  kth = jax.lax.fori_loop(0, 32, add_bit, jnp.uint32(0))
-  above = key > kth
-  tied = ok & (key == kth)
-  room = k - _count(above)
-  # Ties at the k-th key are rare for continuous scores: break them only when needed.
-  chosen_tied = jax.lax.cond(_count(tied) > room, _first_in_order, lambda t, r: t, tied, room)
-  return (above | chosen_tied).reshape(-1)[:n].reshape(scores.shape)
+  return top_k_masks([scores], k, [eligible])[0]

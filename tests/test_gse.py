@@ -333,6 +333,9 @@ def test_distinct_keeps_each_valid_pair_once():
   values, first = sampling.distinct(flat, valid)
   np.testing.assert_array_equal(values[first], [3, 5, 7])
   assert int(first.sum()) == 3 and values.shape == (7,)
+  values, first = sampling.distinct(flat, valid, size=10)  # the masked mode's scatter
+  np.testing.assert_array_equal(values, flat)
+  np.testing.assert_array_equal(first, [False, True, True, True, False, False, False])
 
 def test_the_runner_computes_statistics_at_update_steps_only(mnist_dir, monkeypatch):
   """:gse with GraEst on LeNet-5 (conv and dense kernels): the statistics step runs at

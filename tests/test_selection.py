@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.selection import sortable_key, top_k_mask
+from sparsejax.selection import sortable_key, top_k_mask, top_k_masks
 
 jitted = jax.jit(top_k_mask)
 
@@ -67,3 +67,21 @@ def test_traced_k_and_jit_agree_with_eager():
   eligible = scores > -0.5
   for k in (5, 50):
     np.testing.assert_array_equal(top_k_mask(scores, k, eligible), jitted(scores, k, eligible))
+
+
+SIZES = (130, 7, 300)  # fixed shapes: one compilation; 300 spans three counting rows
+across = jax.jit(top_k_masks)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_selection_across_arrays_equals_selection_of_their_concatenation(data):
+  """top_k_masks = top_k_mask of the concatenation, ties included (earlier array first)."""
+  values = st.sampled_from([-1.0, 0.0, 0.5, 1.0, 3.0])
+  arrays = [data.draw(hnp.arrays(np.float32, n, elements=values)) for n in SIZES]
+  eligible = [data.draw(hnp.arrays(np.bool_, n)) for n in SIZES]
+  k = data.draw(st.integers(0, sum(SIZES)))
+  together = np.asarray(jitted(jnp.asarray(np.concatenate(arrays)), k,
+                               jnp.asarray(np.concatenate(eligible))))
+  apart = across([jnp.asarray(a) for a in arrays], k, [jnp.asarray(e) for e in eligible])
+  np.testing.assert_array_equal(np.concatenate([np.asarray(m) for m in apart]), together)

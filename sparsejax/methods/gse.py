@@ -5,7 +5,7 @@ multiplies by (:func:`sparsejax.distributions.matrix_shape`). A leaf sparser tha
 samples ``⌊subset_factor · nnz⌋`` (input, output) pairs with replacement, the input
 from f and the output from g (:mod:`sparsejax.sampling`: uniform, GraBo or GraEst),
 and keeps the inactive ones (a pair drawn twice counts once); a denser leaf takes all
-its inactive weights. The ``k = int(α_t · nnz)`` candidates (ties to the lower index) with the largest
+its inactive weights. The ``k = int(α_t · nnz)`` candidates (ties to the first drawn) with the largest
 |∂L/∂w| — read at the candidates only — are grown at 0 with a fresh optimizer state,
 then the active weights are pruned by magnitude back to the target count, never a
 weight grown in this update. With ``scope="global"`` both choices run across all
@@ -33,7 +33,6 @@ Following github.com/mikeheddes/guided-stochastic-exploration, with these choice
 from __future__ import annotations
 
 from collections.abc import Mapping
-import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -56,7 +55,7 @@ from sparsejax.sampling import (
   sample_pairs,
 )
 from sparsejax.scores import ScoreInputs
-from sparsejax.selection import top_k_mask
+from sparsejax.selection import top_k_mask, top_k_masks
 from sparsejax.topology import random_init
 from sparsejax.wrapper import Topology, sparse_wrapper
 
@@ -231,8 +230,7 @@ def gse(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
     rows, cols = sample_pairs(key, capacity, fan_in, fan_out, stats)
     flat = rows * fan_out + cols
     count = jnp.minimum(jnp.floor(subset_factor * active.sum()), capacity)
-    flat, eligible = distinct(flat, (jnp.arange(capacity) < count) & ~active[flat])
-    flat = jnp.minimum(flat, mask.size - 1)  # the padding reads a real entry, never chosen
+    flat, eligible = distinct(flat, (jnp.arange(capacity) < count) & ~active[flat], mask.size)
     return _Candidates(flat, magnitude[flat], eligible)
 
   def update_masks(inputs: ScoreInputs):
@@ -259,13 +257,11 @@ def gse(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
               for w, a, n, g in zip(weights, active, nnz, grown)]
     else:
       total = sum(nnz)
-      picks = _split(top_k_mask(jnp.concatenate([c.scores for c in found]), _count(rate, total),
-                                eligible=jnp.concatenate([c.eligible for c in found])),
-                     [c.scores.size for c in found])
+      picks = top_k_masks([c.scores for c in found], _count(rate, total),
+                          [c.eligible for c in found])
       grown = [_scatter(p, c.flat, a.size) for p, c, a in zip(picks, found, active)]
       n_grown = sum(g.sum(dtype=jnp.int32) for g in grown)
-      kept = _split(top_k_mask(jnp.concatenate(weights), total - n_grown,
-                               eligible=jnp.concatenate(active)), [a.size for a in active])
+      kept = top_k_masks(weights, total - n_grown, active)
     new = list(masks)
     for i, k, g in zip(chosen, kept, grown):
       new[i] = (k | g).reshape(masks[i].shape)
@@ -278,7 +274,3 @@ def gse(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
       update_masks=update_masks, train_at_update=True)
   return sparse_wrapper(inner, topology, seed)
 
-
-def _split(flat: jax.Array, sizes: list[int]) -> list[jax.Array]:
-  """``flat`` cut into consecutive pieces of ``sizes``."""
-  return jnp.split(flat, list(itertools.accumulate(sizes))[:-1])
