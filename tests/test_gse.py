@@ -88,13 +88,15 @@ def test_linen_every_kernel_kind_jitted(kind, scope):
   assert changed == 3 and int(state.extra.skipped_updates) == 0
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
 @pytest.mark.parametrize("kind", ["uniform", "grabo", "graest"])
-def test_nnx_every_kernel_kind_jitted(kind):
+def test_nnx_every_kernel_kind_jitted(kind, scope):
   model = NnxMixed(nnx.Rngs(0))
-  tx = sj.gse(optax.adam(1e-2), sparsity=0.8, sampling=kind, scope="layer", update_every=2,
+  tx = sj.gse(optax.adam(1e-2), sparsity=0.8, sampling=kind, scope=scope, update_every=2,
               end_step=20, distribution="uniform")
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   targets = nnz_per_leaf(sj.masks(optimizer.opt_state))
+  total = sj.summary(optimizer.opt_state)["nnz"]
   assert {"conv/kernel", "attention/query/kernel", "attention/out/kernel", "head/kernel"} <= set(
       sj.summary(optimizer.opt_state)["layers"])
 
@@ -109,7 +111,9 @@ def test_nnx_every_kernel_kind_jitted(kind):
   for t in range(1, 5):
     step(model, optimizer, jax.random.PRNGKey(t), *data(t))
     masks = sj.masks(optimizer.opt_state)
-    assert nnz_per_leaf(masks) == targets
+    assert sj.summary(optimizer.opt_state)["nnz"] == total
+    if scope == "layer":
+      assert nnz_per_leaf(masks) == targets
     kernel = np.asarray(model.head.kernel[...])
     np.testing.assert_array_equal(kernel[~np.asarray(masks["head"]["kernel"])], 0.0)
   assert not np.array_equal(before["head"]["kernel"], masks["head"]["kernel"])
