@@ -259,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   print(f"command: `{command}`")
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s); "
-        f"optax.adam(1e-3), batch {BATCH}, sparsity {args.sparsity} (erk for set/rigl/dst_ee/static, "
+        f"optax.adam(1e-3), batch {BATCH}, sparsity {args.sparsity} "
+        f"(erk for set/rigl/dst_ee/gse/static, "
         f"uniform for gmp); {args.repeats} rounds x {args.calls} calls, median of per-round "
         f"ratios")
   malloc_env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}

@@ -75,7 +75,8 @@ METHODS = {
                                 distribution="erk", initial_sparsity=0.3),
     "dst": lambda inner: sj.dst(inner, alpha=1e-2),
 }
-WRAPPED = ("static", "set", "rigl", "dst_ee", "gse", "gmp")  # train_at_update: tests/test_methods.py
+# Mask-wrapping methods; their train_at_update variants: tests/test_methods.py.
+WRAPPED = ("static", "set", "rigl", "dst_ee", "gse", "gmp")
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))

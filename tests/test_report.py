@@ -230,9 +230,10 @@ def test_write_plots(sweep, tmp_path):
   out = tmp_path / "out"
   out.mkdir()
   written = report.write_plots(runs, out)
-  expected = ["accuracy_vs_sparsity.png", "accuracy_vs_coverage.png", *(f"loss_{PREFIX}-{name}.png" for name in (
-      "dense", "rigl-0.9", "set-0.9", "static-0.9")),
-      *(f"density_{PREFIX}-{name}.png" for name in ("rigl-0.9", "set-0.9", "static-0.9"))]
+  expected = ["accuracy_vs_sparsity.png", "accuracy_vs_coverage.png",
+              *(f"loss_{PREFIX}-{name}.png"
+                for name in ("dense", "rigl-0.9", "set-0.9", "static-0.9")),
+              *(f"density_{PREFIX}-{name}.png" for name in ("rigl-0.9", "set-0.9", "static-0.9"))]
   assert sorted(path.name for path in written) == sorted(expected)
   assert sorted(path.name for path in out.iterdir()) == sorted(expected)  # no temporary left
   for path in written:

@@ -1,8 +1,8 @@
 r"""Sparse training of LeNet-300-100 (or LeNet-5-Caffe, or a small ViT) on Fashion-MNIST.
 
 The argument is ``method[,model]``: ``dense``, ``static``, ``set``, ``rigl`` (default),
-``dst_ee``, ``gse``, ``gmp``, ``dst`` (or any other sparsejax method); ``lenet300100`` (default), ``lenet5``
-or ``vit``.
+``dst_ee``, ``gse``, ``gmp``, ``dst`` (or any other sparsejax method); ``lenet300100``
+(default), ``lenet5`` or ``vit``.
 Run from the repository root:
 
   python -m experiments.train --config=experiments/configs/fashion_mnist.py:rigl \

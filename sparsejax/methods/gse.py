@@ -5,10 +5,10 @@ multiplies by (:func:`sparsejax.distributions.matrix_shape`). A leaf sparser tha
 samples ``⌊subset_factor · nnz⌋`` (input, output) pairs with replacement, the input
 from f and the output from g (:mod:`sparsejax.sampling`: uniform, GraBo or GraEst),
 and keeps the inactive ones (a pair drawn twice counts once); a denser leaf takes all
-its inactive weights. The ``k = int(α_t · nnz)`` candidates (ties to the first drawn) with the largest
-|∂L/∂w| — read at the candidates only — are grown at 0 with a fresh optimizer state,
-then the active weights are pruned by magnitude back to the target count, never a
-weight grown in this update. With ``scope="global"`` both choices run across all
+its inactive weights. The ``k = int(α_t · nnz)`` candidates with the largest |∂L/∂w|
+(read at the candidates only; ties to the first drawn) are grown at 0 with a fresh
+optimizer state, then the active weights are pruned by magnitude back to the target
+count, never a weight grown in this update. With ``scope="global"`` both choices run across all
 masked leaves together, as in the official code (per-layer densities drift, the
 total is exact); with ``scope="layer"`` each leaf keeps its count.
 
