@@ -45,6 +45,11 @@ def random_init(sparsity: float, distribution: str | Mapping[str, float],
   return init_masks
 
 
+def swap_count(fraction: jax.Array, nnz: jax.Array) -> jax.Array:
+  """``int(fraction · nnz)``, truncated as in google-research/rigl, as an int32 scalar."""
+  return (nnz.astype(jnp.float32) * fraction).astype(jnp.int32)
+
+
 def drop_and_grow_leaf(mask: jax.Array, drop_score: jax.Array, grow_score: jax.Array,
                        fraction: jax.Array) -> jax.Array:
   """One layer's update: drop the k weakest active weights, grow the k best of the rest.
@@ -64,7 +69,7 @@ def drop_and_grow_leaf(mask: jax.Array, drop_score: jax.Array, grow_score: jax.A
     The new bool mask.
   """
   nnz = mask.sum(dtype=jnp.int32)
-  k = (nnz.astype(jnp.float32) * fraction).astype(jnp.int32)
+  k = swap_count(fraction, nnz)
   kept = top_k_mask(drop_score, nnz - k, eligible=mask)
   grown = top_k_mask(grow_score, k, eligible=~kept)
   return kept | grown

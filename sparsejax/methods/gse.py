@@ -56,7 +56,7 @@ from sparsejax.sampling import (
 )
 from sparsejax.scores import ScoreInputs
 from sparsejax.selection import top_k_mask, top_k_masks
-from sparsejax.topology import random_init
+from sparsejax.topology import random_init, swap_count
 from sparsejax.wrapper import Topology, sparse_wrapper
 
 SCOPES = ("global", "layer")
@@ -89,11 +89,6 @@ def _scatter(chosen: jax.Array, flat: jax.Array | None, size: int) -> jax.Array:
   if flat is None:
     return chosen
   return jnp.zeros((size,), jnp.int32).at[flat].add(chosen.astype(jnp.int32)) > 0
-
-
-def _count(fraction: jax.Array, nnz: jax.Array) -> jax.Array:
-  """``int(fraction · nnz)``, truncated, as an int32 scalar."""
-  return (nnz.astype(jnp.float32) * fraction).astype(jnp.int32)
 
 
 def gse_init(key: jax.Array, params: Any, masks: Any) -> Any:
@@ -251,13 +246,13 @@ def gse(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
     nnz = [a.sum(dtype=jnp.int32) for a in active]
     rate = growth(inputs.step)
     if scope == "layer":
-      grown = [_scatter(top_k_mask(c.scores, _count(rate, n), eligible=c.eligible), c.flat,
+      grown = [_scatter(top_k_mask(c.scores, swap_count(rate, n), eligible=c.eligible), c.flat,
                         a.size) for c, a, n in zip(found, active, nnz)]
       kept = [top_k_mask(w, n - g.sum(dtype=jnp.int32), eligible=a)
               for w, a, n, g in zip(weights, active, nnz, grown)]
     else:
       total = sum(nnz)
-      picks = top_k_masks([c.scores for c in found], _count(rate, total),
+      picks = top_k_masks([c.scores for c in found], swap_count(rate, total),
                           [c.eligible for c in found])
       grown = [_scatter(p, c.flat, a.size) for p, c, a in zip(picks, found, active)]
       n_grown = sum(g.sum(dtype=jnp.int32) for g in grown)
