@@ -19,6 +19,7 @@ Only mask-update steps need them; elsewhere pass ``layer_statistics=None``.
 from __future__ import annotations
 
 from collections.abc import Callable
+import contextlib
 import math
 from typing import Any
 
@@ -117,27 +118,44 @@ def _linen_call(loss_fn: Callable[..., Any], recorder: _Recorder, params: Any, a
     return loss_fn(params, *args)
 
 
-def _nnx_call(loss_fn: Callable[..., Any], recorder: _Recorder, model: Any, args: tuple):
-  """``loss_fn(model, *args)`` with every nnx Linear, LinearGeneral and Conv call recorded."""
+@contextlib.contextmanager
+def observe_nnx_layers(model: Any, layers: tuple[type, ...],
+                       observe: Callable[[str, Any, jax.Array, jax.Array], jax.Array]):
+  """While active, every call ``y = layer(x, ...)`` of an instance of ``layers`` in
+  ``model`` returns ``observe(kernel_path, layer, x, y)`` instead of ``y``.
+
+  flax.nnx has no method interception (linen's ``nn.intercept_methods``), so the
+  layer classes' ``__call__`` are replaced for the duration and restored after.
+  ``kernel_path`` is the layer's ``kernel`` param path, as
+  :func:`sparsejax.masks.path_name` writes it for ``nnx.state(model, nnx.Param)``.
+  """
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   names = {id(node): "/".join((*map(str, path), "kernel"))
            for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)}
-  layers = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
   originals = {layer: layer.__call__ for layer in layers}
 
-  def recording(original):
+  def observed(original):
     def call(self, x, *call_args, **call_kwargs):
-      return recorder(names[id(self)], self, x, original(self, x, *call_args, **call_kwargs))
+      y = original(self, x, *call_args, **call_kwargs)
+      return observe(names.get(id(self), "kernel"), self, x, y)
     return call
 
   try:
     for layer, original in originals.items():
-      layer.__call__ = recording(original)
-    return loss_fn(model, *args)
+      layer.__call__ = observed(original)
+    yield
   finally:
     for layer, original in originals.items():
       layer.__call__ = original
+
+
+def _nnx_call(loss_fn: Callable[..., Any], recorder: _Recorder, model: Any, args: tuple):
+  """``loss_fn(model, *args)`` with every nnx Linear, LinearGeneral and Conv call recorded."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  with observe_nnx_layers(model, (nnx.Linear, nnx.LinearGeneral, nnx.Conv), recorder):
+    return loss_fn(model, *args)
 
 
 def _collect(recorder: _Recorder, inputs: list[jax.Array], output_grads: list[jax.Array]

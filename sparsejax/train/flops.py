@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.masks import is_unmasked, path_name
+from sparsejax.statistics import observe_nnx_layers
 
 
 def _units(features: Any) -> int:
@@ -88,28 +89,17 @@ def nnx_kernel_positions(model: Any, *args: Any, **kwargs: Any) -> dict[str, int
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  paths = {id(node): "/".join(map(str, path)) for path, node in nnx.iter_graph(model)
-           if isinstance(node, nnx.Module)}
   positions: dict[str, int] = {}
+
+  def count(name, layer, x, out):
+    del x
+    positions[name] = (positions.get(name, 0)
+                       + out.size // (out.shape[0] * _units(layer.out_features)))
+    return out
+
   layers = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose)
-  originals = {layer: layer.__call__ for layer in layers}
-
-  def recording(original):
-    def call(self, *call_args, **call_kwargs):
-      out = original(self, *call_args, **call_kwargs)
-      name = paths.get(id(self), "") + "/kernel"
-      positions[name] = (positions.get(name, 0)
-                         + out.size // (out.shape[0] * _units(self.out_features)))
-      return out
-    return call
-
-  try:
-    for layer, original in originals.items():
-      layer.__call__ = recording(original)
+  with observe_nnx_layers(model, layers, count):
     jax.eval_shape(lambda *a: model(*a, **kwargs), *args)
-  finally:
-    for layer, original in originals.items():
-      layer.__call__ = original
   return positions
 
 
