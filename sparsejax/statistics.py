@@ -31,8 +31,20 @@ from sparsejax.sampling import LayerStatistics, check_sampling, random_signs, si
 Statistics = dict[str, LayerStatistics]
 
 
-def _conv_rows(layer: Any, x: jax.Array) -> jax.Array:
-  """A convolution's input as unfolded patches ``[rows, kh·kw·c_in]`` (the kernel's order)."""
+def conv_patches(layer: Any, x: jax.Array) -> jax.Array:
+  """A convolution's input unfolded: ``[batch, *output spatial, kh·kw·c_in]``.
+
+  The patch features come in the order of the layer's kernel flattened to
+  ``[kh·kw·c_in, c_out]``, so ``conv(x) = conv_patches(x) @ kernel.reshape(-1, c_out)``.
+
+  Args:
+    layer: anything with a linen/nnx ``Conv``'s ``kernel_size``, ``strides``,
+      ``padding``, ``input_dilation``, ``kernel_dilation`` and ``feature_group_count``.
+    x: the input ``[..., *spatial, c_in]`` (leading axes are flattened into one).
+
+  Returns:
+    The patches.
+  """
   from flax.linen.linear import canonicalize_padding  # pylint: disable=g-import-not-at-top
 
   sizes = tuple(layer.kernel_size)
@@ -55,13 +67,14 @@ def _conv_rows(layer: Any, x: jax.Array) -> jax.Array:
   # Patch features come in (c_in, *window) order; the kernel flattens as (*window, c_in).
   channels = x.shape[-1]
   patches = patches.reshape(*patches.shape[:-1], channels, math.prod(sizes))
-  return jnp.swapaxes(patches, -1, -2).reshape(-1, channels * math.prod(sizes))
+  return jnp.swapaxes(patches, -1, -2).reshape(*patches.shape[:-2], -1)
 
 
 def _input_rows(layer: Any, x: jax.Array) -> jax.Array:
   """The layer's input as ``[rows, fan_in]``, rows in the order of its output rows."""
   if hasattr(layer, "kernel_size"):
-    return _conv_rows(layer, x)
+    patches = conv_patches(layer, x)
+    return patches.reshape(-1, patches.shape[-1])
   axis = getattr(layer, "axis", -1)
   contracted = len(axis) if isinstance(axis, (tuple, list)) else 1
   return x.reshape(-1, math.prod(x.shape[x.ndim - contracted:]))

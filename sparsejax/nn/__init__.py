@@ -1,0 +1,1 @@
+"""Always-sparse training: layers whose memory and compute are linear in their connections."""
