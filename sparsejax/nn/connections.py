@@ -9,6 +9,7 @@ distinct ones kept at random, which is a uniform subset of that size.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -75,6 +76,7 @@ def _draw_distinct(key: jax.Array, nnz: int, size: int) -> jax.Array:
   return jax.lax.while_loop(too_few, again, (key, attempt(first_key)))[1]
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def random_connections(key: jax.Array, nnz: int, fan_in: int, fan_out: int
                        ) -> tuple[jax.Array, jax.Array]:
   """``nnz`` distinct (input, output) pairs, uniformly at random, sorted by input then output.
