@@ -151,6 +151,7 @@ class Variant:
     self.x, self.y = x, y
     self.round_ms: list[float] = []
     self.ratios: list[float] = []
+    self.rewired = "—"
 
   def call(self) -> float:
     """Runs one step to completion; returns its wall time in ms."""
@@ -167,11 +168,12 @@ class Variant:
   def ratio(self) -> float:
     return statistics.median(self.ratios)
 
-  def rewired(self) -> str:
-    """Connections moved at the last step and non-finite updates skipped (sparse only)."""
-    if not isinstance(self.state, growth.AlwaysSparseState):
-      return "—"
-    return f"{int(self.state.rewired)} moved, {int(self.state.nonfinite_updates)} non-finite"
+  def release(self) -> None:
+    """Records the growth bookkeeping, then frees params and state."""
+    if isinstance(self.state, growth.AlwaysSparseState):
+      self.rewired = (f"{int(self.state.rewired):,} connections moved at the last step, "
+                      f"{int(self.state.nonfinite_updates)} updates skipped as non-finite")
+    self.params = self.state = self.step = None
 
 
 def run_rounds(variants: Sequence[Variant], dense: Variant | None, repeats: int, calls: int,
@@ -187,6 +189,8 @@ def run_rounds(variants: Sequence[Variant], dense: Variant | None, repeats: int,
     if dense is not None:
       for v in variants:
         v.ratios.append(v.round_ms[-1] / dense.round_ms[-1])
+  for v in variants:
+    v.release()
 
 
 def batch(size: int) -> tuple[jax.Array, jax.Array]:
@@ -215,7 +219,6 @@ def part_ratios(args: argparse.Namespace, setup: list[Variant]) -> None:
     run_rounds(group, dense, args.repeats, args.calls, args.warmup)
     for i, sparsity in enumerate(args.sparsities):
       rows.append((width, sparsity, dense, group[1 + 2 * i], group[2 + 2 * i]))
-    del group, dense  # free the buffers of this width
 
   print()
   print("| width | sparsity | connections | dense step | sparse train step | "
@@ -234,7 +237,7 @@ def part_ratios(args: argparse.Namespace, setup: list[Variant]) -> None:
   print("Times: median over rounds of each variant's median step; ratios: median over rounds "
         "of the per-round ratio to the dense step of the same width. Growth steps rewire "
         "every layer at every step; after timing they report: "
-        + "; ".join(f"{grow.name}: {grow.rewired()}" for *_, grow in rows) + ".")
+        + "; ".join(f"{grow.name}: {grow.rewired}" for *_, grow in rows) + ".")
 
 
 def slope(widths: Sequence[int], values: Sequence[float]) -> float:
@@ -280,7 +283,8 @@ def part_sweep(args: argparse.Namespace, setup: list[Variant]) -> None:
 
   print()
   print(f"| hidden width | sparse connections (fan-in {args.fan_in}) | sparse step "
-        "| sparse memory | dense step | dense memory | sparse ÷ dense time | sparse ÷ dense memory |")
+        "| sparse memory | dense step | dense memory | sparse ÷ dense time "
+        "| sparse ÷ dense memory |")
   print("|---|---|---|---|---|---|---|---|")
   for width, s in sparse.items():
     d = dense.get(width)
@@ -299,17 +303,20 @@ def part_sweep(args: argparse.Namespace, setup: list[Variant]) -> None:
     return "✓" if value <= SLOPE_GOAL else "✗"
 
   widths = list(sparse)
+  upper = widths[len(widths) // 2:]
   print(f"| **log-log slope** | | **{s_time:.2f}** {check(s_time)} | **{s_mem:.2f}** "
         f"{check(s_mem)} | {d_time:.2f} | {d_mem:.2f} | | |")
   print()
-  print(f"Slopes: least squares of log time (memory) on log width over {widths[0]}–{widths[-1]} "
-        f"(sparse; goal ≤ {SLOPE_GOAL}), dense time over {min(dense, default='—')}–"
-        f"{max(dense, default='—')}, dense memory over {min(dense_memory, default='—')}–"
-        f"{max(dense_memory, default='—')} (untimed widths compiled from shapes only). "
-        "Sparse slopes over the upper half of the widths: time "
-        f"{slope(widths[len(widths) // 2:], [sparse[w].ms for w in widths[len(widths) // 2:]]):.2f}"
-        f", memory "
-        f"{slope(widths[len(widths) // 2:], [sparse[w].bytes for w in widths[len(widths) // 2:]]):.2f}.")
+  print(f"Slopes: least squares of log time (memory) on log width; sparse over "
+        f"{widths[0]}–{widths[-1]} (goal ≤ {SLOPE_GOAL}; over {upper[0]}–{upper[-1]} only: time "
+        f"{slope(upper, [sparse[w].ms for w in upper]):.2f}, memory "
+        f"{slope(upper, [sparse[w].bytes for w in upper]):.2f}), dense time over "
+        f"{_span(dense)}, dense memory over {_span(dense_memory)} (untimed widths compiled "
+        "from shapes only, nothing allocated).")
+
+
+def _span(widths: Any) -> str:
+  return f"{min(widths)}–{max(widths)}" if widths else "—"
 
 
 def _ints(text: str) -> list[int]:

@@ -123,7 +123,8 @@ def rewire_layer(values: jax.Array, rows: jax.Array, cols: jax.Array, candidate_
     values: the weights ``[nnz]``.
     rows, cols: the active connections ``[nnz]``.
     candidate_rows, candidate_cols: the sampled pairs ``[m]``.
-    grow_scores: higher is grown first, ``[m]``; ties go to the first drawn.
+    grow_scores: higher is grown first, ``[m]``; among equal scores the lower
+      flat index (a pair drawn twice is scored once, at its first draw).
     k: number of connections to grow (traced).
     fan_out: the layer's outputs.
     max_moves: static bound of ``k``.
