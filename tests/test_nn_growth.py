@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from sparsejax.nn import growth, layers
+from sparsejax.nn import nnx as sjnnx
 
 LAYERS = ("SparseDense_0", "SparseDense_1")
 
@@ -211,8 +212,8 @@ def test_a_nonfinite_gradient_skips_the_rewiring():
 
 class NnxMLP(nnx.Module):
   def __init__(self, rngs):
-    self.hidden = layers.SparseLinear(20, 32, sparsity=0.8, rngs=rngs)
-    self.out = layers.SparseLinear(32, 4, sparsity=0.5, rngs=rngs)
+    self.hidden = sjnnx.SparseLinear(20, 32, sparsity=0.8, rngs=rngs)
+    self.out = sjnnx.SparseLinear(32, 4, sparsity=0.5, rngs=rngs)
 
   def __call__(self, x):
     return self.out(nnx.relu(self.hidden(x)))
@@ -222,7 +223,7 @@ def test_nnx_optimizer_trains_and_rewires():
   """nnx.Optimizer over nnx.Param: the topology comes from nnx.state(model, Topology)
   and goes back with nnx.update after each step."""
   model = NnxMLP(nnx.Rngs(0))
-  tx = growth.gse(optax.sgd(0.1, momentum=0.9), topology=nnx.state(model, layers.Topology),
+  tx = growth.gse(optax.sgd(0.1, momentum=0.9), topology=nnx.state(model, sjnnx.Topology),
                   end_step=8, update_every=2)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   first = np.asarray(model.hidden.rows[...])

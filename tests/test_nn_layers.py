@@ -15,6 +15,7 @@ import pytest
 
 from sparsejax import sampling
 from sparsejax.nn import connections, growth, kernels, layers
+from sparsejax.nn import nnx as sjnnx
 
 
 def dense_kernel(topology, values, fan_in, fan_out):
@@ -54,7 +55,7 @@ def test_sparse_dense_equals_a_masked_dense_layer(chunk, monkeypatch):
 
 
 def test_nnx_sparse_linear_equals_a_masked_linear():
-  layer = layers.SparseLinear(13, 9, fan_in=4, rngs=nnx.Rngs(0))
+  layer = sjnnx.SparseLinear(13, 9, fan_in=4, rngs=nnx.Rngs(0))
   topology = {"rows": layer.rows[...], "cols": layer.cols[...]}
   assert layer.values[...].shape == (36,)  # fan_in · out_features
   kernel = dense_kernel(topology, layer.values[...], 13, 9)
@@ -259,3 +260,15 @@ def test_no_array_of_a_tenth_of_the_dense_layer_exists(update_every):
     assert len(sizes) > 50
     largest = max(sizes)
     assert largest[0] < limit, largest
+
+
+def test_nnx_sparse_conv_equals_a_masked_conv():
+  conv = sjnnx.SparseConv(4, 6, (3, 3), strides=2, padding="SAME", sparsity=0.8,
+                          rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 9, 4))
+  topology = {"rows": conv.rows[...], "cols": conv.cols[...]}
+  kernel = dense_kernel(topology, conv.values[...], 36, 6).reshape(3, 3, 4, 6)
+  reference = nnx.Conv(4, 6, (3, 3), strides=2, padding="SAME", rngs=nnx.Rngs(0))
+  reference.kernel[...] = kernel
+  np.testing.assert_allclose(conv(x), reference(x), rtol=1e-5, atol=1e-5)
+  assert conv(x).shape == (2, 5, 5, 6)

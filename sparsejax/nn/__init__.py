@@ -1,25 +1,25 @@
 """Always-sparse training: Flax layers whose memory and compute are linear in their connections.
 
 ``import sparsejax.nn as sjnn``: layers (:class:`SparseDense`, :class:`SparseConv`
-for linen, :class:`SparseLinear` for flax.nnx) and the transformations that train
+for linen; :mod:`sparsejax.nn.nnx` for flax.nnx) and the transformations that train
 and rewire them (:func:`gse`, :func:`rigl`, :func:`set`), composed with any optax
 optimizer. The module docstrings of :mod:`sparsejax.nn.layers` and
 :mod:`sparsejax.nn.growth` show the training step.
 """
 
+from sparsejax.nn import nnx
 from sparsejax.nn.connections import connection_count, random_connections
 from sparsejax.nn.growth import AlwaysSparseState, gse, rigl, set, topology  # noqa: A004
 from sparsejax.nn.kernels import pair_gradients, sparse_matmul
-from sparsejax.nn.layers import SparseConv, SparseDense, SparseLinear, Topology
+from sparsejax.nn.layers import SparseConv, SparseDense
 
 __all__ = [
     "AlwaysSparseState",
     "SparseConv",
     "SparseDense",
-    "SparseLinear",
-    "Topology",
     "connection_count",
     "gse",
+    "nnx",
     "pair_gradients",
     "random_connections",
     "rigl",

@@ -21,8 +21,8 @@ linen::
   # in the step: the topology the method keeps
   logits = model.apply({"params": params, "topology": sjnn.topology(state)}, x)
 
-flax.nnx: ``nnx.state(model, sjnn.Topology)`` is the initial topology and
-``nnx.update(model, sjnn.topology(state))`` sets the current one.
+flax.nnx (:mod:`sparsejax.nn.nnx`): ``nnx.state(model, sjnn.nnx.Topology)`` is the
+initial topology and ``nnx.update(model, sjnn.topology(state))`` sets the current one.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from collections.abc import Sequence
 import math
 from typing import Any
 
-from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -75,7 +74,7 @@ def sparse_rows(x: jax.Array, params: dict[str, jax.Array], topology: dict[str, 
       topology["observe"], jax.random.wrap_key_data(topology["key"], impl="threefry2x32"))
 
 
-def _candidate_count(candidates: float, nnz: int) -> int:
+def candidate_count(candidates: float, nnz: int) -> int:
   if candidates < 0:
     raise ValueError(f"candidates must be >= 0, got {candidates!r}")
   return math.floor(candidates * nnz)
@@ -87,7 +86,7 @@ class _LinenSparse(nn.Module):
   def sparse(self, x: jax.Array, features: int) -> jax.Array:
     fan_in = x.shape[-1]
     nnz = connections.connection_count(fan_in, features, self.sparsity, self.fan_in)
-    m = _candidate_count(self.candidates, nnz)
+    m = candidate_count(self.candidates, nnz)
     if not self.is_initializing() and not self.has_variable(TOPOLOGY, "rows"):
       raise ValueError(MISSING_TOPOLOGY)
     fresh = (initial_topology(self.make_rng("params"), nnz, fan_in, features, m)
@@ -166,37 +165,3 @@ class SparseConv(_LinenSparse):
     y = self.sparse(patches, self.features)
     lead = inputs.shape[:-(len(self.kernel_size) + 1)]
     return y.reshape(*lead, *patches.shape[1:-1], self.features)
-
-
-class Topology(nnx.Variable):
-  """flax.nnx variable type of an always-sparse layer's connections (not a param)."""
-
-
-class SparseLinear(nnx.Module):
-  """A Linear layer of ``nnz`` connections (flax.nnx); arguments as :class:`SparseDense`."""
-
-  def __init__(self, in_features: int, out_features: int, *, sparsity: float | None = None,
-               fan_in: int | None = None, candidates: float = 1.0, use_bias: bool = True,
-               dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    nnz = connections.connection_count(in_features, out_features, sparsity, fan_in)
-    topology = initial_topology(rngs.params(), nnz, in_features, out_features,
-                                _candidate_count(candidates, nnz))
-    params = initial_params(rngs.params(), topology, in_features, out_features, param_dtype)
-    for name, value in topology.items():
-      setattr(self, name, Topology(value))
-    for name, value in params.items():
-      setattr(self, name, nnx.Param(value))
-    self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
-    self.out_features, self.dtype, self.param_dtype = out_features, dtype, param_dtype
-
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    topology = {name: getattr(self, name)[...] for name in (
-        "rows", "cols", "candidate_rows", "candidate_cols", "grow", "observe", "key")}
-    params = {name: getattr(self, name)[...] for name in (
-        "values", "probe_candidates", "probe_inputs", "probe_outputs")}
-    dtype = self.dtype or jnp.promote_types(inputs.dtype, self.param_dtype)
-    y = sparse_rows(inputs.reshape(-1, inputs.shape[-1]).astype(dtype), params, topology,
-                    self.out_features)
-    if self.bias is not None:
-      y = y + self.bias[...].astype(dtype)
-    return y.reshape(*inputs.shape[:-1], self.out_features)
