@@ -39,6 +39,7 @@ class MethodEntry(NamedTuple):
   variant_keys: tuple[str, ...]  # keys naming a variant in reports (DST: alpha, DST-EE: c)
   init_params: InitParams | None = None  # called once after tx.init (GSE's initialisation)
   statistics: Callable[[Mapping[str, Any]], str | None] | None = None  # GSE's sampling
+  collections: tuple[str, ...] = ()  # keywords filled from the model's variable collections
 
 
 _REGISTRY: dict[str, MethodEntry] = {}
@@ -56,13 +57,18 @@ def _scalar_type(hint: Any) -> type | None:
   return None
 
 
-def _config_fields(name: str, factory: Factory) -> dict[str, Any]:
-  """The config fields of ``factory``: defaults, or typed placeholders for required keys."""
+def _config_fields(name: str, factory: Factory, collections: tuple[str, ...] = ()
+                   ) -> dict[str, Any]:
+  """The config fields of ``factory``: defaults, or typed placeholders for required keys.
+
+  Keywords named in ``collections`` are not config fields: the runner fills them.
+  """
   try:
     hints = typing.get_type_hints(factory)
   except (NameError, TypeError):  # an annotation that does not evaluate: use the defaults
     hints = {}
-  parameters = list(inspect.signature(factory).parameters.values())[1:]  # after `inner`
+  parameters = [p for p in list(inspect.signature(factory).parameters.values())[1:]  # after inner
+                if p.name not in collections]
   fields: dict[str, Any] = {}
   for parameter in parameters:
     default, kind = parameter.default, _scalar_type(hints.get(parameter.name))
@@ -80,8 +86,8 @@ def _config_fields(name: str, factory: Factory) -> dict[str, Any]:
 
 def register_method(name: str, factory: Factory, *, variant_keys: tuple[str, ...] = (),
                     init_params: InitParams | None = None,
-                    statistics: Callable[[Mapping[str, Any]], str | None] | None = None
-                    ) -> None:
+                    statistics: Callable[[Mapping[str, Any]], str | None] | None = None,
+                    collections: tuple[str, ...] = ()) -> None:
   """Makes ``factory`` available by ``name`` to :func:`from_config` and the runner.
 
   Args:
@@ -96,6 +102,8 @@ def register_method(name: str, factory: Factory, *, variant_keys: tuple[str, ...
     statistics: ``keywords -> sampling or None``: the kind of per-layer statistics
       (:func:`sparsejax.value_grad_and_statistics`) the method needs at its
       mask-update steps, passed as ``tx.update(..., layer_statistics=...)``.
+    collections: keywords that a runner fills with the model's variable collection
+      of the same name (the always-sparse methods' ``topology``); not config keys.
 
   Raises:
     ValueError: for the reserved name "dense", a name already registered, or a
@@ -111,11 +119,13 @@ def register_method(name: str, factory: Factory, *, variant_keys: tuple[str, ...
   """
   if name == DENSE or name in _REGISTRY:
     raise ValueError(f"method name {name!r} is {'reserved' if name == DENSE else 'taken'}")
-  _config_fields(name, factory)  # fails now, not when a config is built
-  for key in variant_keys:
-    if key not in inspect.signature(factory).parameters:
-      raise ValueError(f"method {name!r}: variant key {key!r} is not one of its keywords")
-  _REGISTRY[name] = MethodEntry(factory, tuple(variant_keys), init_params, statistics)
+  _config_fields(name, factory, tuple(collections))  # fails now, not when a config is built
+  for kind, keys in (("variant key", variant_keys), ("collection", collections)):
+    for key in keys:
+      if key not in inspect.signature(factory).parameters:
+        raise ValueError(f"method {name!r}: {kind} {key!r} is not one of its keywords")
+  _REGISTRY[name] = MethodEntry(factory, tuple(variant_keys), init_params, statistics,
+                                tuple(collections))
   METHODS[name] = factory
 
 
@@ -133,8 +143,10 @@ def required_keywords(name: str) -> tuple[str, ...]:
   Raises:
     ValueError: for an unknown method.
   """
-  parameters = list(inspect.signature(entry(name).factory).parameters.values())[1:]
-  return tuple(p.name for p in parameters if p.default is inspect.Parameter.empty)
+  method = entry(name)
+  parameters = list(inspect.signature(method.factory).parameters.values())[1:]
+  return tuple(p.name for p in parameters
+               if p.default is inspect.Parameter.empty and p.name not in method.collections)
 
 
 def method_config(name: str) -> ml_collections.ConfigDict:
@@ -155,7 +167,7 @@ def method_config(name: str) -> ml_collections.ConfigDict:
   """
   fields = {"method": name}
   if name != DENSE:
-    fields.update(_config_fields(name, entry(name).factory))
+    fields.update(_config_fields(name, entry(name).factory, entry(name).collections))
   section = ml_collections.ConfigDict(fields)
   section.lock()
   return section
@@ -178,7 +190,7 @@ def variant(sparse: Mapping[str, Any]) -> str | None:
   return ",".join(pairs) or None
 
 
-def from_config(cfg: Any, inner: optax.GradientTransformation
+def from_config(cfg: Any, inner: optax.GradientTransformation, **collections: Any
                 ) -> optax.GradientTransformation:
   """The transformation named by ``cfg.method``, built with the other keys of ``cfg``.
 
@@ -188,6 +200,8 @@ def from_config(cfg: Any, inner: optax.GradientTransformation
     cfg: a ``ml_collections.ConfigDict`` (or mapping) with ``method`` and that
       method's keywords, e.g. ``sparsity``, ``distribution``, ``update_every``.
     inner: the optimizer to wrap.
+    **collections: the model's variable collections the method takes (its
+      registered ``collections``, e.g. ``topology=variables["topology"]``).
 
   Returns:
     An optax transformation.
@@ -207,8 +221,11 @@ def from_config(cfg: Any, inner: optax.GradientTransformation
   method = kwargs.pop("method", None)
   if method == DENSE:
     return inner
-  factory = entry(method).factory
-  accepted = set(list(inspect.signature(factory).parameters)[1:])
+  factory, wanted = entry(method).factory, entry(method).collections
+  if set(collections) != set(wanted):
+    raise ValueError(f"method {method!r} takes the model's collections {list(wanted)}, "
+                     f"got {sorted(collections)}")
+  accepted = set(list(inspect.signature(factory).parameters)[1:]) - set(wanted)
   unknown = sorted(set(kwargs) - accepted)
   if unknown:
     raise ValueError(f"method {method!r} takes no config key {unknown[0]!r}; "
@@ -216,7 +233,7 @@ def from_config(cfg: Any, inner: optax.GradientTransformation
   for name in required_keywords(method):
     if kwargs.get(name) is None:
       raise ValueError(f"method {method!r} needs {name!r}")
-  return factory(inner, **kwargs)
+  return factory(inner, **kwargs, **collections)
 
 
 register_method("static", static.static_sparse)

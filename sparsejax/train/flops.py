@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from sparsejax.masks import is_unmasked, path_name
 from sparsejax.statistics import observe_nnx_layers
 
+ALWAYS_SPARSE_WEIGHTS = "values"  # the weights of a sparsejax.nn layer
+
 
 def _units(features: Any) -> int:
   """Output units of a layer's ``features`` (an int, or a tuple for DenseGeneral)."""
@@ -43,7 +45,8 @@ def kernel_positions(model: nn.Module, variables: Any, *args: Any, **kwargs: Any
   """Output positions per example of every kernel of a ``flax.linen`` model.
 
   Every layer with ``features`` and a ``kernel`` param counts: ``Dense``,
-  ``DenseGeneral`` (attention projections included), ``Conv``, ``ConvTranspose``. A
+  ``DenseGeneral`` (attention projections included), ``Conv``, ``ConvTranspose``;
+  and the always-sparse ``SparseDense`` and ``SparseConv`` (their ``values``). A
   layer applied several times (shared weights) adds its positions up. Traced
   abstractly with :func:`jax.eval_shape`: nothing is computed.
 
@@ -63,9 +66,10 @@ def kernel_positions(model: nn.Module, variables: Any, *args: Any, **kwargs: Any
     out = next_fun(*call_args, **call_kwargs)
     module = context.module
     features = getattr(module, "features", None)
-    if (context.method_name == "__call__" and features is not None
-        and module.has_variable("params", "kernel")):
-      name = "/".join(module.path) + "/kernel"
+    weights = next((w for w in ("kernel", ALWAYS_SPARSE_WEIGHTS)
+                    if module.has_variable("params", w)), None)
+    if context.method_name == "__call__" and features is not None and weights is not None:
+      name = "/".join((*module.path, weights))
       positions[name] = positions.get(name, 0) + out.size // (out.shape[0] * _units(features))
     return out
 
@@ -103,15 +107,35 @@ def nnx_kernel_positions(model: Any, *args: Any, **kwargs: Any) -> dict[str, int
   return positions
 
 
+def always_sparse_sizes(params: Any) -> dict[str, tuple[int, int]]:
+  """``{values path: (nnz, fan_in · fan_out)}`` of every always-sparse layer in ``params``.
+
+  A :mod:`sparsejax.nn` layer's ``values`` hold its nnz weights; its dense size is
+  the product of the sizes of its ``probe_inputs`` and ``probe_outputs``.
+  """
+  sizes = {path_name(path): math.prod(jnp.shape(leaf))
+           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  out = {}
+  for name, size in sizes.items():
+    if name.split("/")[-1] == ALWAYS_SPARSE_WEIGHTS:
+      layer = name[:-len(ALWAYS_SPARSE_WEIGHTS)]
+      out[name] = (size, sizes[layer + "probe_inputs"] * sizes[layer + "probe_outputs"])
+  return out
+
+
 def _kernel_leaves(params: Any, masks: Any, positions: Mapping[str, int]):
-  """``(positions, size, mask or None)`` of every kernel of ``positions`` in ``params``."""
+  """``(positions, dense size, nnz)`` of every kernel of ``positions`` in ``params``."""
   mask_leaves = jax.tree.leaves(masks, is_leaf=is_unmasked) if masks is not None else None
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  for i, (path, leaf) in enumerate(flat):
+  always_sparse = always_sparse_sizes(params)
+  for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
     name = path_name(path)
-    if name in positions:
+    if name in always_sparse:
+      nnz, size = always_sparse[name]
+      yield positions[name], size, nnz
+    elif name in positions:
+      size = math.prod(jnp.shape(leaf))
       mask = mask_leaves[i] if mask_leaves is not None else None
-      yield positions[name], math.prod(jnp.shape(leaf)), mask
+      yield positions[name], size, size if mask is None else jnp.sum(mask, dtype=jnp.float32)
 
 
 def forward_flops(params: Any, masks: Any, positions: Mapping[str, int]
@@ -127,8 +151,7 @@ def forward_flops(params: Any, masks: Any, positions: Mapping[str, int]
     ``(sparse, dense)``: a float32 scalar array and a Python float.
   """
   sparse, dense = jnp.zeros((), jnp.float32), 0.0
-  for count, size, mask in _kernel_leaves(params, masks, positions):
-    nnz = size if mask is None else jnp.sum(mask, dtype=jnp.float32)
+  for count, size, nnz in _kernel_leaves(params, masks, positions):
     sparse = sparse + 2.0 * count * nnz
     dense += 2.0 * count * size
   return sparse, dense

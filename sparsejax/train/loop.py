@@ -35,18 +35,19 @@ import optax
 
 import sparsejax
 from sparsejax.data import (
-    NORMALIZATION,
-    TrainPipeline,
-    dataset_shape,
-    eval_batches,
-    load_source,
-    num_classes,
+  NORMALIZATION,
+  TrainPipeline,
+  dataset_shape,
+  eval_batches,
+  load_source,
+  num_classes,
 )
 from sparsejax.train import experiment_config as cfg
 from sparsejax.train import flops, records
+from sparsejax.train.always_sparse import is_always_sparse, method_variables
 from sparsejax.train.checkpoints import Checkpointer
 from sparsejax.train.logs import MetricsWriter, Progress
-from sparsejax.train.models import get_model
+from sparsejax.train.models import ALWAYS_SPARSE_MODELS, get_model
 from sparsejax.train.optimizers import learning_rate_schedule, make_optimizer
 from sparsejax.train.workdir import CHECKPOINT_DIR, check_workdir, write_config, write_summary
 
@@ -103,13 +104,16 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
                for split in ("train", "test"))
 
 
-def build_optimizer(config: ml_collections.ConfigDict, num_train: int
+def build_optimizer(config: ml_collections.ConfigDict, num_train: int,
+                    collections: Mapping[str, Any] | None = None
                     ) -> tuple[optax.GradientTransformation, dict[str, Any], int, int]:
   """The optimizer of ``config``: the inner optimizer wrapped by ``config.sparse``.
 
   Args:
     config: a validated experiment config.
     num_train: training examples (for the step counts).
+    collections: the model's variable collections the method takes (the
+      always-sparse methods' ``topology``).
 
   Returns:
     ``(tx, sparse, num_steps, steps_per_epoch)``: ``sparse`` is the resolved section.
@@ -123,23 +127,32 @@ def build_optimizer(config: ml_collections.ConfigDict, num_train: int
                               config.get("sparse_end_fraction", cfg.END_STEP_FRACTION))
   inner = make_optimizer(config.optimizer, per_epoch, num_steps)
   try:
-    tx = sparsejax.from_config(sparse, inner)
+    tx = sparsejax.from_config(sparse, inner, **(collections or {}))
   except (ValueError, TypeError) as e:
     raise ValueError(f"config.sparse: {e}") from e
   return tx, sparse, num_steps, per_epoch
 
 
+def init_variables(model: nn.Module, seed: int, sample: jax.Array) -> dict[str, Any]:
+  """The model's variables from ``seed`` (jitted: an eager init dispatches many small ops)."""
+  return dict(jax.jit(functools.partial(model.init, train=False))(
+      jax.random.PRNGKey(seed), sample))
+
+
 def initial_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                  sample: jax.Array, init_params: sparsejax.registry.InitParams | None = None
-                  ) -> TrainState:
+                  sample: jax.Array, init_params: sparsejax.registry.InitParams | None = None,
+                  kept_by_method: tuple[str, ...] = ()) -> TrainState:
   """Initialises the model (from ``seed``), the optimizer and the running metrics.
 
   ``init_params`` (a method's own initialisation, e.g. GSE's) re-initialises the
   params from the masks of ``tx.init``; the optimizer is then initialised again.
+  Collections in ``kept_by_method`` (an always-sparse topology) live in the
+  optimizer state only, not in the model state.
   """
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.PRNGKey(seed), sample)
+  variables = init_variables(model, seed, sample)
   params = variables.pop("params")
+  for name in kept_by_method:
+    variables.pop(name)
   # Jitted: an eager init dispatches hundreds of small ops (seconds on CPU).
   opt_state = jax.jit(tx.init)(params)
   if init_params is not None:
@@ -159,14 +172,27 @@ def _normalization(data: ml_collections.ConfigDict) -> tuple[Any, Any]:
   return NORMALIZATION[data.dataset]
 
 
-def _initial_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                   sample: Any, method: str) -> TrainState:
-  """:func:`initial_state` with the method's own initialisation, its errors as config errors."""
-  entry = _entry(method)
+def _start(config: ml_collections.ConfigDict, model: nn.Module, num_train: int, sample: Any
+           ) -> tuple[optax.GradientTransformation, dict[str, Any], int, int, TrainState]:
+  """The optimizer and the initial state: :func:`build_optimizer` (given the model's
+  collections the method takes) and :func:`initial_state`, errors as config errors."""
+  entry = _entry(config.sparse.method)
+  wanted = entry.collections if entry else ()
+  collections = {}
+  if wanted:
+    variables = init_variables(model, config.seed, sample)
+    missing = [name for name in wanted if name not in variables]
+    if missing:
+      raise ValueError(f"config.model: method {config.sparse.method!r} needs a model with "
+                       f"always-sparse layers ({', '.join(ALWAYS_SPARSE_MODELS)}), "
+                       f"{config.model!r} has no {missing[0]!r} collection")
+    collections = {name: variables[name] for name in wanted}
+  tx, sparse, num_steps, per_epoch = build_optimizer(config, num_train, collections)
   try:
-    return initial_state(model, tx, seed, sample, entry and entry.init_params)
+    state = initial_state(model, tx, config.seed, sample, entry and entry.init_params, wanted)
   except (ValueError, TypeError) as e:
     raise ValueError(f"config.sparse: {e}") from e
+  return tx, sparse, num_steps, per_epoch, state
 
 
 def _resolved(config: ml_collections.ConfigDict, sparse: dict[str, Any]
@@ -175,6 +201,23 @@ def _resolved(config: ml_collections.ConfigDict, sparse: dict[str, Any]
   config = config.copy_and_resolve_references()
   config.sparse = ml_collections.ConfigDict(sparse)
   return config
+
+
+def _placeholders(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Stand-ins for the model's collections a method takes, to validate its section early."""
+  entry = _entry(config.sparse.method)
+  return {name: {} for name in (entry.collections if entry else ())}
+
+
+def _model(config: ml_collections.ConfigDict, classes: int) -> nn.Module:
+  """The model of ``config``; an always-sparse model only with an always-sparse method."""
+  if config.model in ALWAYS_SPARSE_MODELS and not is_always_sparse(config.sparse.method):
+    raise ValueError(f"config.model: {config.model!r} has always-sparse layers; train it with "
+                     "always_gse, always_rigl or always_set")
+  try:
+    return get_model(config.model, classes, config.sparse)
+  except ValueError as e:
+    raise ValueError(f"config.model: {e}") from e
 
 
 def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -198,11 +241,11 @@ def check(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     shape = dataset_shape(config.data.dataset)
   except ValueError as e:
     raise ValueError(f"config.data.dataset: {e}") from e
-  tx, sparse, _, _ = build_optimizer(config, shape.num_train)
+  _, sparse, _, _ = build_optimizer(config, shape.num_train, _placeholders(config))
   _normalization(config.data)
-  model = get_model(config.model, shape.num_classes)
+  model = _model(config, shape.num_classes)
   sample = jax.ShapeDtypeStruct((1, *shape.image_shape), jnp.float32)
-  jax.eval_shape(lambda x: _initial_state(model, tx, config.seed, x, sparse["method"]), sample)
+  jax.eval_shape(lambda x: _start(config, model, shape.num_train, x)[4], sample)
   return _resolved(config, sparse)
 
 
@@ -223,26 +266,31 @@ def setup(config: ml_collections.ConfigDict, data: tuple[Any, Any] | None = None
   """
   cfg.validate_config(config)
   train_source, test_source = data if data is not None else load_data(config)
-  tx, sparse, num_steps, per_epoch = build_optimizer(config, len(train_source))
+  _, sparse, _, _ = build_optimizer(config, len(train_source), _placeholders(config))
   dataset = config.data.dataset
   mean, std = _normalization(config.data)
   pipeline = TrainPipeline(train_source, batch_size=config.batch_size, seed=config.seed,
                            crop_padding=config.data.crop_padding, flip=config.data.flip,
                            mean=mean, std=std)
-  model = get_model(config.model, num_classes(dataset, config.data.data_dir))
+  model = _model(config, num_classes(dataset, config.data.data_dir))
   sample = pipeline.batch(0)["image"][:1]
-  state = _initial_state(model, tx, config.seed, sample, sparse["method"])
+  tx, sparse, num_steps, per_epoch, state = _start(config, model, len(train_source), sample)
   positions = flops.kernel_positions(
-      model, {"params": state.params, **state.model_state}, sample, train=False)
+      model, {"params": state.params, **state.model_state,
+              **method_variables(sparse["method"], state.opt_state)}, sample, train=False)
   _, dense_flops = flops.forward_flops(state.params, None, positions)
   schedule = learning_rate_schedule(config.optimizer, per_epoch, num_steps)
   return Experiment(_resolved(config, sparse), model, tx, state, pipeline, test_source,
                     num_steps, per_epoch, positions, dense_flops, schedule)
 
 
-def _apply(model: nn.Module, params: Any, model_state: Any, images: jax.Array, train: bool):
-  """Logits and the new model state (unchanged when not training or stateless)."""
-  variables = {"params": params, **model_state}
+def _apply(model: nn.Module, params: Any, model_state: Any, images: jax.Array, train: bool,
+           method_state: Mapping[str, Any]):
+  """Logits and the new model state (unchanged when not training or stateless).
+
+  ``method_state``: the variables the method keeps (:func:`method_variables`).
+  """
+  variables = {"params": params, **model_state, **method_state}
   if train and model_state:
     logits, new_state = model.apply(variables, images, train=True, mutable=list(model_state))
     return logits, dict(new_state)
@@ -260,21 +308,24 @@ def make_train_step(experiment: Experiment, with_statistics: bool = False
   """
   model, tx, sampling = experiment.model, experiment.tx, experiment.statistics
 
-  def loss_fn(params, model_state, batch):
-    logits, model_state = _apply(model, params, model_state, batch["image"], train=True)
+  def loss_fn(params, model_state, batch, method_state):
+    logits, model_state = _apply(model, params, model_state, batch["image"], train=True,
+                                 method_state=method_state)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     return loss, model_state
 
   def train_step(state: TrainState, batch) -> TrainState:
     extra_args = {} if sampling is None else {"layer_statistics": None}
+    method_state = method_variables(experiment.method, state.opt_state)
     if with_statistics:
       key = jax.random.fold_in(jax.random.PRNGKey(experiment.config.seed), state.step)
       (loss, model_state), grads, extra_args["layer_statistics"] = (
           sparsejax.value_grad_and_statistics(loss_fn, state.params, state.model_state, batch,
-                                              sampling=sampling, key=key, has_aux=True))
+                                              method_state, sampling=sampling, key=key,
+                                              has_aux=True))
     else:
       (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state.params, state.model_state, batch)
+          state.params, state.model_state, batch, method_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
     params = optax.apply_updates(state.params, updates)
     tracker = records.track_step(state.tracker, loss, state.opt_state, opt_state, state.params,
@@ -290,7 +341,8 @@ def make_evaluate(experiment: Experiment) -> Callable[[TrainState], tuple[float,
 
   @jax.jit
   def batch_sums(state, images, labels, valid):
-    logits, _ = _apply(model, state.params, state.model_state, images, train=False)
+    logits, _ = _apply(model, state.params, state.model_state, images, train=False,
+                       method_state=method_variables(experiment.method, state.opt_state))
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = jnp.argmax(logits, -1) == labels
     return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(correct & valid)

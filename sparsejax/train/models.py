@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from sparsejax import distributions
+import sparsejax.nn as sjnn
 
 # PyTorch's ``kaiming_normal_`` (untruncated normal, gain sqrt(2)), in the two modes the papers use.
 _kaiming_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -322,6 +326,32 @@ class SimpleViT(nn.Module):
     return nn.Dense(self.num_classes, name="head")(_layer_norm()(jnp.mean(x, axis=1)))
 
 
+class SparseMLP(nn.Module):
+  """An MLP of always-sparse layers (:class:`sparsejax.nn.SparseDense`), ReLUs between them.
+
+  Every layer is sparse, the first and last included (GSE's rule); ``sparsity`` is
+  the fraction of absent weights over all of them, split between layers by
+  ``distribution`` (ER by default) with the exact total count.
+  """
+  num_classes: int = 10
+  widths: tuple[int, ...] = (1024, 1024)
+  sparsity: float = 0.99
+  distribution: str = "er"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train  # no BatchNorm or dropout
+    x = x.reshape((x.shape[0], -1))
+    sizes = (x.shape[-1], *self.widths, self.num_classes)
+    shapes = list(zip(sizes[:-1], sizes[1:]))
+    counts = distributions.allocate_nnz(shapes, self.sparsity, self.distribution)
+    for i, ((fan_in, fan_out), nnz) in enumerate(zip(shapes, counts)):
+      x = sjnn.SparseDense(fan_out, sparsity=1.0 - nnz / (fan_in * fan_out))(x)
+      if i < len(shapes) - 1:
+        x = nn.relu(x)
+    return x
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet300100": LeNet300100,
     "lenet5": LeNet5Caffe,
@@ -338,16 +368,25 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vit": ViT,
     # For [N, 32, 32, 3] images: GSE's simple-vit-tiny, the defaults of SimpleViT.
     "vit_tiny": SimpleViT,
+    # Always-sparse MLPs (sparsejax.nn), for the always_* methods; sparsity from config.sparse.
+    "sparse_mlp": SparseMLP,
+    # Two hidden layers of 32,768: 1.10e9 weights, whose dense training state (weights,
+    # gradients and momenta in float32) is 13 GB.
+    "wide_sparse_mlp": functools.partial(SparseMLP, widths=(32768, 32768)),
 }
+ALWAYS_SPARSE_MODELS = ("sparse_mlp", "wide_sparse_mlp")
 
 
-def get_model(name: str, num_classes: int = 10) -> nn.Module:
+def get_model(name: str, num_classes: int = 10, sparse: Any = None) -> nn.Module:
   """The model called ``name``.
 
   Args:
     name: one of ``MODELS``: "lenet300100", "lenet5" and "vit" for [N, 28, 28, 1] images; "vgg16",
-      "vgg16_quarter", "resnet56", "wrn16_8", "wrn28_8" and "vit_tiny" for [N, 32, 32, 3] images.
+      "vgg16_quarter", "resnet56", "wrn16_8", "wrn28_8" and "vit_tiny" for [N, 32, 32, 3] images;
+      "sparse_mlp" and "wide_sparse_mlp" (always-sparse layers) for any images.
     num_classes: size of the output layer.
+    sparse: the ``config.sparse`` section; the always-sparse models take its
+      ``sparsity`` and ``distribution``.
 
   Returns:
     An unbound ``flax.linen`` module mapping images to [N, num_classes] logits, called as
@@ -358,4 +397,10 @@ def get_model(name: str, num_classes: int = 10) -> nn.Module:
   """
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+  if name in ALWAYS_SPARSE_MODELS:
+    if not sparse or sparse.get("sparsity") is None:
+      raise ValueError(f"model {name!r} has always-sparse layers: use an always-sparse method "
+                       f"(always_gse, always_rigl, always_set) with a sparsity")
+    return MODELS[name](num_classes=num_classes, sparsity=sparse["sparsity"],
+                        distribution=sparse.get("distribution", "er"))
   return MODELS[name](num_classes=num_classes)

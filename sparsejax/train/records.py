@@ -66,6 +66,23 @@ def state_masks(opt_state: optax.OptState) -> Any:
   return optax.tree_utils.tree_get(opt_state, "masks")
 
 
+def is_always_sparse(opt_state: optax.OptState) -> bool:
+  """Whether the state is an always-sparse method's (:mod:`sparsejax.nn`)."""
+  return optax.tree_utils.tree_get(opt_state, "topology") is not None
+
+
+def always_sparse_statistics(params: Any) -> dict[str, Any]:
+  """``{"sparsity", "layers": {path: sparsity}}`` of a model's always-sparse layers.
+
+  A layer's sparsity is ``1 − nnz / (fan_in · fan_out)`` with nnz the size of its
+  ``values``; it never changes (dropped connections are regrown in the same update).
+  """
+  sizes = flops.always_sparse_sizes(params)
+  nnz, total = sum(n for n, _ in sizes.values()), sum(size for _, size in sizes.values())
+  return {"sparsity": 1.0 - nnz / total if total else 0.0,
+          "layers": {path: 1.0 - n / size for path, (n, size) in sizes.items()}}
+
+
 def masks_can_change(opt_state: optax.OptState) -> bool:
   """Whether the method's masks change during training (it keeps ``ever_active``)."""
   return optax.tree_utils.tree_get(opt_state, "ever_active") is not None
@@ -95,7 +112,7 @@ def track_step(tracker: Tracker, loss: jax.Array, old_opt_state: optax.OptState,
   """
   tracker = tracker._replace(loss_sum=tracker.loss_sum + loss, loss_count=tracker.loss_count + 1)
   masks = state_masks(old_opt_state)
-  if masks is None:
+  if masks is None and not is_always_sparse(old_opt_state):
     return tracker
   sparse, dense = flops.forward_flops(params, masks, positions)
   dense_gradient = optax.tree_utils.tree_get(new_opt_state, "dense_gradient", False)
@@ -129,6 +146,8 @@ def row(experiment: Experiment, state: TrainState, totals: Totals,
          "learning_rate": float(experiment.learning_rate(step - 1)), "sparsity": 0.0}
   masks = state_masks(state.opt_state)
   stats = None if masks is None else metrics.mask_statistics(masks, tracker.eval_masks)
+  if is_always_sparse(state.opt_state):
+    stats = always_sparse_statistics(state.params)
   if stats is not None:
     out["sparsity"] = stats["sparsity"]
   if evaluation is None:
@@ -140,7 +159,7 @@ def row(experiment: Experiment, state: TrainState, totals: Totals,
              train_flops=totals.train_flops if stats is not None else dense_per_step * step,
              train_flops_dense=dense_per_step * step,
              inference_flops=float(sparse_forward), inference_flops_dense=experiment.dense_flops)
-  if stats is not None and masks_can_change(state.opt_state):
+  if masks is not None and masks_can_change(state.opt_state):
     out.update(coverage=sparsejax.coverage(state.opt_state)["global"], churn=stats["churn"])
   return out
 
