@@ -270,7 +270,7 @@ def _params_equal(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-@pytest.mark.parametrize("method", ["set", "dst"])
+@pytest.mark.parametrize("method", ["set", "dst", "always_gse"])
 def test_resume_from_an_older_checkpoint_is_bit_identical(data, tmp_path, method):
   """Drop the newest checkpoints and leave a half-written row: the rerun ends identical."""
   config = small_config(method, num_steps=30, checkpoint_every=10)
@@ -285,6 +285,7 @@ def test_resume_from_an_older_checkpoint_is_bit_identical(data, tmp_path, method
   (interrupted / "summary.json").unlink()
   summary_b, state_b = final_state(loop.setup(config, data), interrupted)
   assert _params_equal(state_a, state_b)
+  chex.assert_trees_all_equal(state_a.opt_state, state_b.opt_state)  # masks or topology too
   assert ((reference / "metrics.jsonl").read_bytes()
           == (interrupted / "metrics.jsonl").read_bytes())
   for key in ("test_accuracy", "test_loss", "train_loss", "sparsity", "coverage", "layers"):
@@ -405,3 +406,41 @@ def test_check_builds_a_run_without_data_or_disk(tmp_path, monkeypatch):
   config.data.dataset = "imagenet2012"
   with pytest.raises(ValueError, match="config.data.dataset: the shape of dataset"):
     loop.check(config)
+
+
+def test_always_sparse_training_in_the_runner(data, tmp_path):
+  """always_gse on sparse_mlp: the params are the 1 % active weights (ER, exact total),
+  the topology rides in the optimizer state and changes, FLOPs and sparsity are read
+  from the layers' sizes."""
+  from sparsejax.nn import growth
+
+  config = small_config("always_gse")
+  assert config.model == "sparse_mlp" and config.sparse.sparsity == 0.99
+  experiment = loop.setup(config, data)
+  assert "topology" not in experiment.state.model_state
+  first = jax.tree.map(np.asarray, growth.topology(experiment.state.opt_state))
+  summary, state = final_state(experiment, tmp_path)
+  shapes = [(784, 1024), (1024, 1024), (1024, 10)]
+  counts = sparsejax.distributions.allocate_nnz(shapes, 0.99, "er")
+  for i, nnz in enumerate(counts):
+    assert state.params[f"SparseDense_{i}"]["values"].shape == (nnz,)
+  assert summary["sparsity"] == pytest.approx(0.99, abs=1e-6)
+  assert summary["layers"] == pytest.approx(
+      {f"SparseDense_{i}/values": 1 - n / (a * b) for i, (n, (a, b)) in enumerate(zip(counts,
+                                                                                     shapes))})
+  assert summary["train_flops_ratio"] == pytest.approx(0.01, rel=1e-4)
+  assert summary["inference_flops_ratio"] == pytest.approx(0.01, rel=1e-4)
+  assert summary["coverage"] is None and 0.0 <= summary["test_accuracy"] <= 1.0
+  last = growth.topology(state.opt_state)
+  assert not np.array_equal(last["SparseDense_1"]["rows"], first["SparseDense_1"]["rows"])
+  assert int(state.opt_state.rewired) > 0
+
+
+@pytest.mark.parametrize("arg,match", [
+    ("always_gse,lenet300100", "needs a model with always-sparse layers"),
+    ("rigl,sparse_mlp", "has always-sparse layers; train it with always_gse"),
+])
+def test_always_sparse_models_and_methods_go_together(data, arg, match):
+  with pytest.raises(ValueError, match=match) as error:
+    loop.setup(small_config(arg), data)
+  assert "\n" not in str(error.value)
