@@ -12,7 +12,9 @@ sparse optimizer is ``sparsejax.nn.growth.gse`` around it (uniform sampling, γ 
 A variant is one jitted step -- ``value_and_grad`` of the softmax cross-entropy,
 ``tx.update``, ``optax.apply_updates`` -- with params, optimizer state and batch passed
 as arguments and params and state donated; it is lowered and compiled ahead of time
-and every call ends with ``block_until_ready``.
+and every call ends with ``block_until_ready``. The sparse layers keep the connections
+as initialised, sorted by input (the kernels' fastest order); rewiring puts grown
+connections in the freed slots, so a long-trained topology is in a more random order.
 
 Parts:
 
@@ -300,12 +302,12 @@ def part_sweep(args: argparse.Namespace, setup: list[Variant]) -> None:
   d_mem = slope(list(dense_memory), list(dense_memory.values()))
 
   def check(value: float) -> str:
-    return "✓" if value <= SLOPE_GOAL else "✗"
+    return "" if math.isnan(value) else "✓" if value <= SLOPE_GOAL else "✗"
 
   widths = list(sparse)
   upper = widths[len(widths) // 2:]
   print(f"| **log-log slope** | | **{s_time:.2f}** {check(s_time)} | **{s_mem:.2f}** "
-        f"{check(s_mem)} | {d_time:.2f} | {d_mem:.2f} | | |")
+        f"{check(s_mem)} | {_number(d_time)} | {_number(d_mem)} | | |")
   print()
   print(f"Slopes: least squares of log time (memory) on log width; sparse over "
         f"{widths[0]}–{widths[-1]} (goal ≤ {SLOPE_GOAL}; over {upper[0]}–{upper[-1]} only: time "
@@ -313,6 +315,10 @@ def part_sweep(args: argparse.Namespace, setup: list[Variant]) -> None:
         f"{slope(upper, [sparse[w].bytes for w in upper]):.2f}), dense time over "
         f"{_span(dense)}, dense memory over {_span(dense_memory)} (untimed widths compiled "
         "from shapes only, nothing allocated).")
+
+
+def _number(value: float) -> str:
+  return "—" if math.isnan(value) else f"{value:.2f}"
 
 
 def _span(widths: Any) -> str:

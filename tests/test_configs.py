@@ -13,6 +13,8 @@ import pytest
 
 from experiments.configs import cifar, cifar10, cifar100, common, fashion_mnist, mnist
 from sparsejax.train import get_model, loop, validate_config
+from sparsejax.train.always_sparse import is_always_sparse
+from sparsejax.train.models import ALWAYS_SPARSE_MODELS
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -41,8 +43,13 @@ def mock_cifar():
 def test_every_method_and_model_builds(setup, method, mnist_dir):
   module, models = SETUPS[setup]
   for model in models:
+    if (model in ALWAYS_SPARSE_MODELS) != is_always_sparse(method):
+      continue  # refused in one line: test_train
     config = tiny(module.get_config(f"{method},{model}"), mnist_dir)
     validate_config(config)
+    if is_always_sparse(method):  # its optimizer needs the model's topology
+      assert loop.check(config).model == model
+      continue
     tx, sparse, _, _ = loop.build_optimizer(config, 50_000)
     assert sparse["method"] == method
     net = get_model(model, 100 if setup == "cifar100" else 10)
