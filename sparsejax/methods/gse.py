@@ -225,7 +225,7 @@ def gse(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
     rows, cols = sample_pairs(key, capacity, fan_in, fan_out, stats)
     flat = rows * fan_out + cols
     count = jnp.minimum(jnp.floor(subset_factor * active.sum()), capacity)
-    _, eligible = distinct(flat, (jnp.arange(capacity) < count) & ~active[flat], mask.size)
+    flat, eligible = distinct(flat, (jnp.arange(capacity) < count) & ~active[flat], mask.size)
     return _Candidates(flat, magnitude[flat], eligible)
 
   def update_masks(inputs: ScoreInputs):

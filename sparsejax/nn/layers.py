@@ -39,6 +39,8 @@ from sparsejax.nn import connections, kernels
 from sparsejax.statistics import conv_patches
 
 TOPOLOGY = "topology"
+TOPOLOGY_FIELDS = ("rows", "cols", "order", "candidate_rows", "candidate_cols", "grow", "observe",
+                   "key")
 MISSING_TOPOLOGY = ("always-sparse layers need the topology the method keeps: "
                     "model.apply({'params': params, 'topology': sparsejax.nn.topology(opt_state)}, x)")
 
@@ -48,6 +50,7 @@ def initial_topology(key: jax.Array, nnz: int, fan_in: int, fan_out: int,
   """A layer's topology at initialisation: random connections, no growth instructions."""
   rows, cols = connections.random_connections(key, nnz, fan_in, fan_out)
   return {"rows": rows, "cols": cols,
+          "order": connections.connection_order(rows, cols, fan_in, fan_out),
           "candidate_rows": jnp.zeros((candidates,), jnp.int32),
           "candidate_cols": jnp.zeros((candidates,), jnp.int32),
           "grow": jnp.zeros((), bool), "observe": jnp.zeros((), jnp.int32),
@@ -66,7 +69,9 @@ def initial_params(key: jax.Array, topology: dict[str, jax.Array], fan_in: int, 
 def sparse_rows(x: jax.Array, params: dict[str, jax.Array], topology: dict[str, jax.Array],
                 fan_out: int) -> jax.Array:
   """The sparse product of ``x`` ``[rows, fan_in]`` with its growth probe, ``[rows, fan_out]``."""
-  y = kernels.sparse_matmul(x, params["values"], topology["rows"], topology["cols"], fan_out)
+  order = topology["order"]  # the connections in a cache-friendly order
+  y = kernels.sparse_matmul(x, params["values"][order], topology["rows"][order],
+                            topology["cols"][order], fan_out)
   return kernels.growth_probe(
       y, x, params["probe_candidates"], jnp.concatenate([params["probe_inputs"],
                                                          params["probe_outputs"]]),
@@ -92,8 +97,7 @@ class _LinenSparse(nn.Module):
     fresh = (initial_topology(self.make_rng("params"), nnz, fan_in, features, m)
              if self.is_initializing() else None)
     topology = {name: self.variable(TOPOLOGY, name, lambda n=name: fresh[n]).value
-                for name in ("rows", "cols", "candidate_rows", "candidate_cols", "grow",
-                             "observe", "key")}
+                for name in TOPOLOGY_FIELDS}
     probes = {"probe_candidates": (m,), "probe_inputs": (fan_in,), "probe_outputs": (features,)}
     params = {"values": self.param("values", lambda key: connections.gse_values(
         key, topology["cols"], features, self.param_dtype))}

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from sparsejax.nn import connections
 from sparsejax.nn.layers import (
+  TOPOLOGY_FIELDS,
   candidate_count,
   initial_params,
   initial_topology,
@@ -58,8 +59,7 @@ class SparseLinear(nnx.Module):
 
   def _rows(self, x: jax.Array) -> jax.Array:
     """The layer on ``x`` ``[rows, fan_in]``."""
-    topology = {name: getattr(self, name)[...] for name in (
-        "rows", "cols", "candidate_rows", "candidate_cols", "grow", "observe", "key")}
+    topology = {name: getattr(self, name)[...] for name in TOPOLOGY_FIELDS}
     params = {name: getattr(self, name)[...] for name in (
         "values", "probe_candidates", "probe_inputs", "probe_outputs")}
     dtype = self.dtype or jnp.promote_types(x.dtype, self.param_dtype)
