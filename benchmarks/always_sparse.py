@@ -12,9 +12,9 @@ sparse optimizer is ``sparsejax.nn.growth.gse`` around it (uniform sampling, γ 
 A variant is one jitted step -- ``value_and_grad`` of the softmax cross-entropy,
 ``tx.update``, ``optax.apply_updates`` -- with params, optimizer state and batch passed
 as arguments and params and state donated; it is lowered and compiled ahead of time
-and every call ends with ``block_until_ready``. The sparse layers keep the connections
-as initialised, sorted by input (the kernels' fastest order); rewiring puts grown
-connections in the freed slots, so a long-trained topology is in a more random order.
+and every call ends with ``block_until_ready``. The kernels walk each layer's
+connections in its ``order`` (by output for wide-output layers, else by input), which
+rewiring keeps sorted, so a long-trained topology runs like a fresh one.
 
 Parts:
 
