@@ -11,7 +11,7 @@ from sparsejax.nn import nnx
 from sparsejax.nn.connections import connection_count, random_connections
 from sparsejax.nn.growth import AlwaysSparseState, gse, rigl, set, topology  # noqa: A004
 from sparsejax.nn.kernels import pair_gradients, sparse_matmul
-from sparsejax.nn.layers import SparseConv, SparseDense
+from sparsejax.nn.layers import SparseConv, SparseDense, summary
 
 __all__ = [
     "AlwaysSparseState",
@@ -25,5 +25,6 @@ __all__ = [
     "rigl",
     "set",
     "sparse_matmul",
+    "summary",
     "topology",
 ]

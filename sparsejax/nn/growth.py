@@ -45,13 +45,13 @@ from sparsejax import schedules
 from sparsejax.masks import path_name, unbox
 from sparsejax.methods.gse import growth_schedule
 from sparsejax.nn import connections, kernels
+from sparsejax.nn.layers import PROBES
 from sparsejax.optstate import reset_entries
 from sparsejax.sampling import LayerStatistics, check_sampling, distinct, sample_pairs
 from sparsejax.selection import top_k_mask
 from sparsejax.topology import swap_count
 from sparsejax.wrapper import require_params
 
-PROBES = ("probe_candidates", "probe_inputs", "probe_outputs")
 OBSERVE = {"uniform": kernels.OBSERVE_NONE, "grabo": kernels.OBSERVE_GRABO,
            "graest": kernels.OBSERVE_GRAEST}
 

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparsejax.masks import path_name
 from sparsejax.nn import connections, kernels
 from sparsejax.statistics import conv_patches
 
@@ -77,6 +78,44 @@ def sparse_rows(x: jax.Array, params: dict[str, jax.Array], topology: dict[str, 
                                                          params["probe_outputs"]]),
       topology["candidate_rows"], topology["candidate_cols"], topology["grow"],
       topology["observe"], jax.random.wrap_key_data(topology["key"], impl="threefry2x32"))
+
+
+VALUES = "values"  # the param of an always-sparse layer's active weights
+PROBES = ("probe_candidates", "probe_inputs", "probe_outputs")
+
+
+def summary(params: Any) -> dict[str, Any]:
+  """Per-layer and overall connections, dense sizes and sparsities of always-sparse layers.
+
+  Read from the params' shapes alone: a layer's ``values`` hold its nnz weights, and
+  its dense size ``fan_in · fan_out`` is the product of its ``probe_inputs`` and
+  ``probe_outputs`` sizes. The format of :func:`sparsejax.summary`.
+
+  Args:
+    params: a model's params (or their shapes).
+
+  Returns:
+    ``{"layers": {values path: {"nnz", "size", "sparsity"}}, "nnz", "size", "sparsity"}``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sparsejax.nn as sjnn
+    >>> variables = sjnn.SparseDense(8, sparsity=0.75).init(jax.random.PRNGKey(0),
+    ...                                                      jnp.ones((1, 4)))
+    >>> sjnn.summary(variables["params"])
+    {'layers': {'values': {'nnz': 8, 'size': 32, 'sparsity': 0.75}}, 'nnz': 8, 'size': 32, 'sparsity': 0.75}
+  """
+  sizes = {path_name(path): math.prod(jnp.shape(leaf))
+           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  layers = {}
+  for name, nnz in sizes.items():
+    if name.split("/")[-1] == VALUES:
+      prefix = name[:-len(VALUES)]
+      size = sizes[prefix + "probe_inputs"] * sizes[prefix + "probe_outputs"]
+      layers[name] = {"nnz": nnz, "size": size, "sparsity": 1.0 - nnz / size}
+  nnz = sum(layer["nnz"] for layer in layers.values())
+  size = sum(layer["size"] for layer in layers.values())
+  return {"layers": layers, "nnz": nnz, "size": size,
+          "sparsity": 1.0 - nnz / size if size else 0.0}
 
 
 def candidate_count(candidates: float, nnz: int) -> int:

@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.masks import is_unmasked, path_name
+import sparsejax.nn as sjnn
 from sparsejax.statistics import observe_nnx_layers
-
-ALWAYS_SPARSE_WEIGHTS = "values"  # the weights of a sparsejax.nn layer
 
 
 def _units(features: Any) -> int:
@@ -66,7 +65,7 @@ def kernel_positions(model: nn.Module, variables: Any, *args: Any, **kwargs: Any
     out = next_fun(*call_args, **call_kwargs)
     module = context.module
     features = getattr(module, "features", None)
-    weights = next((w for w in ("kernel", ALWAYS_SPARSE_WEIGHTS)
+    weights = next((w for w in ("kernel", sjnn.layers.VALUES)
                     if module.has_variable("params", w)), None)
     if context.method_name == "__call__" and features is not None and weights is not None:
       name = "/".join((*module.path, weights))
@@ -107,31 +106,14 @@ def nnx_kernel_positions(model: Any, *args: Any, **kwargs: Any) -> dict[str, int
   return positions
 
 
-def always_sparse_sizes(params: Any) -> dict[str, tuple[int, int]]:
-  """``{values path: (nnz, fan_in · fan_out)}`` of every always-sparse layer in ``params``.
-
-  A :mod:`sparsejax.nn` layer's ``values`` hold its nnz weights; its dense size is
-  the product of the sizes of its ``probe_inputs`` and ``probe_outputs``.
-  """
-  sizes = {path_name(path): math.prod(jnp.shape(leaf))
-           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-  out = {}
-  for name, size in sizes.items():
-    if name.split("/")[-1] == ALWAYS_SPARSE_WEIGHTS:
-      layer = name[:-len(ALWAYS_SPARSE_WEIGHTS)]
-      out[name] = (size, sizes[layer + "probe_inputs"] * sizes[layer + "probe_outputs"])
-  return out
-
-
 def _kernel_leaves(params: Any, masks: Any, positions: Mapping[str, int]):
   """``(positions, dense size, nnz)`` of every kernel of ``positions`` in ``params``."""
   mask_leaves = jax.tree.leaves(masks, is_leaf=is_unmasked) if masks is not None else None
-  always_sparse = always_sparse_sizes(params)
+  always_sparse = sjnn.summary(params)["layers"]
   for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
     name = path_name(path)
     if name in always_sparse:
-      nnz, size = always_sparse[name]
-      yield positions[name], size, nnz
+      yield positions[name], always_sparse[name]["size"], always_sparse[name]["nnz"]
     elif name in positions:
       size = math.prod(jnp.shape(leaf))
       mask = mask_leaves[i] if mask_leaves is not None else None

@@ -17,6 +17,7 @@ import optax
 
 import sparsejax
 from sparsejax import metrics
+import sparsejax.nn as sjnn
 from sparsejax.train import flops
 
 if TYPE_CHECKING:
@@ -72,15 +73,11 @@ def is_always_sparse(opt_state: optax.OptState) -> bool:
 
 
 def always_sparse_statistics(params: Any) -> dict[str, Any]:
-  """``{"sparsity", "layers": {path: sparsity}}`` of a model's always-sparse layers.
-
-  A layer's sparsity is ``1 − nnz / (fan_in · fan_out)`` with nnz the size of its
-  ``values``; it never changes (dropped connections are regrown in the same update).
-  """
-  sizes = flops.always_sparse_sizes(params)
-  nnz, total = sum(n for n, _ in sizes.values()), sum(size for _, size in sizes.values())
-  return {"sparsity": 1.0 - nnz / total if total else 0.0,
-          "layers": {path: 1.0 - n / size for path, (n, size) in sizes.items()}}
+  """``{"sparsity", "layers": {path: sparsity}}`` of a model's always-sparse layers
+  (:func:`sparsejax.nn.summary`; constant: rewiring keeps every layer's count)."""
+  counts = sjnn.summary(params)
+  return {"sparsity": counts["sparsity"],
+          "layers": {path: layer["sparsity"] for path, layer in counts["layers"].items()}}
 
 
 def masks_can_change(opt_state: optax.OptState) -> bool:
