@@ -2,7 +2,7 @@
 
 Run::
 
-  .venv/bin/python benchmarks/always_sparse.py [--part=ratios|sweep|all] [--repeats=5] \
+  .venv/bin/python benchmarks/always_sparse.py [--part=ratios|sweep|order|all] [--repeats=5] \
       [--calls=3] [--warmup=2]
 
 Model: a flax.linen ReLU MLP 784 → width → width → 10, every layer
@@ -27,6 +27,10 @@ Parts:
   to 32768 (connections ∝ width), train step only, and the dense MLP where affordable
   (timed up to ``--dense-time-max``, memory up to ``--dense-memory-max`` from shapes
   only, nothing allocated). Slopes are least squares of log time (memory) on log width.
+
+- ``order``: one layer's forward and backward with its connections walked by input,
+  by output and in random order, at 784 → 32768 and 32768² (fan-in 32) and 8192² at
+  99 %.
 
 Timing is interleaved in one process: every round runs ``--calls`` steps of each
 variant of a group (one width of ``ratios``; all of ``sweep``) in turn, the starting
@@ -317,6 +321,53 @@ def part_sweep(args: argparse.Namespace, setup: list[Variant]) -> None:
         "from shapes only, nothing allocated).")
 
 
+ORDER_LAYERS = ((784, 32768, 32 * 32768), (8192, 8192, 671_089), (32768, 32768, 32 * 32768))
+
+
+def part_order(args: argparse.Namespace) -> None:
+  """One layer's forward and backward (``sparse_matmul``) with its connections walked by
+  input, by output and in random order (where rewiring leaves the slots): what
+  :func:`sparsejax.nn.connections.connection_order` chooses from."""
+  from sparsejax.nn import connections, kernels  # pylint: disable=g-import-not-at-top
+
+  print()
+  print("| layer | connections | by input | by output | random order | order used |")
+  print("|---|---|---|---|---|---|")
+  for fan_in, fan_out, nnz in ORDER_LAYERS:
+    log(f"order: {fan_in} x {fan_out}")
+    rows, cols = connections.random_connections(jax.random.PRNGKey(0), nnz, fan_in, fan_out)
+    by_output = jnp.asarray(np.lexsort((np.asarray(rows), np.asarray(cols))), jnp.int32)
+    orders = {"by input": jnp.arange(nnz, dtype=jnp.int32), "by output": by_output,
+              "random order": jax.random.permutation(jax.random.PRNGKey(1), nnz)}
+    x = jax.random.normal(jax.random.PRNGKey(2), (args.batch, fan_in))
+    values = jax.random.normal(jax.random.PRNGKey(3), (nnz,))
+
+    @jax.jit
+    def step(x, values, rows, cols, order, fan_out=fan_out):
+      def loss(x, values):
+        return jnp.sum(kernels.sparse_matmul(x, values[order], rows[order], cols[order],
+                                             fan_out) ** 2)
+      return jax.grad(loss, (0, 1))(x, values)
+
+    times = {name: [] for name in orders}
+    for order in orders.values():  # compile and warm up
+      jax.block_until_ready(step(x, values, rows, cols, order))
+    for round_ in range(args.repeats):
+      names = list(orders)[round_ % 3:] + list(orders)[:round_ % 3]
+      for name in names:
+        start = time.perf_counter()
+        for _ in range(args.calls):
+          out = step(x, values, rows, cols, orders[name])
+        jax.block_until_ready(out)
+        times[name].append((time.perf_counter() - start) / args.calls)
+    used = "by output" if fan_out > fan_in else "by input"
+    cells = " | ".join(f"{statistics.median(times[n]) * 1e3:.1f} ms" for n in orders)
+    print(f"| {fan_in} → {fan_out} | {nnz:,} | {cells} | {used} |")
+  print()
+  print("Median over rounds of the mean of each round's calls; batch "
+        f"{args.batch}, float32.")
+
+
 def _number(value: float) -> str:
   return "—" if math.isnan(value) else f"{value:.2f}"
 
@@ -336,7 +387,7 @@ def _floats(text: str) -> list[float]:
 def main(argv: Sequence[str] | None = None) -> None:
   """Parses flags, runs the selected parts and prints Markdown tables."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--part", choices=("ratios", "sweep", "all"), default="all")
+  parser.add_argument("--part", choices=("ratios", "sweep", "order", "all"), default="all")
   parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median)")
   parser.add_argument("--calls", type=int, default=3, help="timed steps per variant and round")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
@@ -367,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     part_ratios(args, setup)
   if args.part in ("sweep", "all"):
     part_sweep(args, setup)
+  if args.part in ("order", "all"):
+    part_order(args)
 
   print()
   print("| variant | init (jit model.init + tx.init) | compile step |")
