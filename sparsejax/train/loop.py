@@ -141,15 +141,17 @@ def init_variables(model: nn.Module, seed: int, sample: jax.Array) -> dict[str, 
 
 def initial_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
                   sample: jax.Array, init_params: sparsejax.registry.InitParams | None = None,
-                  kept_by_method: tuple[str, ...] = ()) -> TrainState:
+                  kept_by_method: tuple[str, ...] = (), variables: dict[str, Any] | None = None
+                  ) -> TrainState:
   """Initialises the model (from ``seed``), the optimizer and the running metrics.
 
   ``init_params`` (a method's own initialisation, e.g. GSE's) re-initialises the
   params from the masks of ``tx.init``; the optimizer is then initialised again.
   Collections in ``kept_by_method`` (an always-sparse topology) live in the
-  optimizer state only, not in the model state.
+  optimizer state only, not in the model state. ``variables``: the model's, if
+  already initialised from ``seed``.
   """
-  variables = init_variables(model, seed, sample)
+  variables = dict(variables or init_variables(model, seed, sample))
   params = variables.pop("params")
   for name in kept_by_method:
     variables.pop(name)
@@ -178,7 +180,7 @@ def _start(config: ml_collections.ConfigDict, model: nn.Module, num_train: int, 
   collections the method takes) and :func:`initial_state`, errors as config errors."""
   entry = _entry(config.sparse.method)
   wanted = entry.collections if entry else ()
-  collections = {}
+  collections, variables = {}, None
   if wanted:
     variables = init_variables(model, config.seed, sample)
     missing = [name for name in wanted if name not in variables]
@@ -189,7 +191,8 @@ def _start(config: ml_collections.ConfigDict, model: nn.Module, num_train: int, 
     collections = {name: variables[name] for name in wanted}
   tx, sparse, num_steps, per_epoch = build_optimizer(config, num_train, collections)
   try:
-    state = initial_state(model, tx, config.seed, sample, entry and entry.init_params, wanted)
+    state = initial_state(model, tx, config.seed, sample, entry and entry.init_params, wanted,
+                          variables)
   except (ValueError, TypeError) as e:
     raise ValueError(f"config.sparse: {e}") from e
   return tx, sparse, num_steps, per_epoch, state
