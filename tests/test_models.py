@@ -106,8 +106,32 @@ EXPECTED_10_CLASSES = {"lenet300100": 266_610, "lenet5": 431_080, "vit": 139_018
                        "wrn28_8": 23_354_842, "vit_tiny": 4_237_930}
 
 
+ALWAYS_SPARSE = {"sparse_mlp": (1024, 1024), "wide_sparse_mlp": (32768, 32768)}
+
+
 def test_every_model_is_covered():
-  assert set(MODELS) == set(LENETS + CIFAR) == set(EXPECTED) == set(EXPECTED_10_CLASSES)
+  assert set(MODELS) == set(LENETS + CIFAR + tuple(ALWAYS_SPARSE))
+  assert set(LENETS + CIFAR) == set(EXPECTED) == set(EXPECTED_10_CLASSES)
+
+
+@pytest.mark.parametrize("name", sorted(ALWAYS_SPARSE))
+def test_always_sparse_mlps_hold_exactly_their_er_connections(name):
+  """Every layer sparse with ER's exact counts; the params are the values, the three
+  probes (γ = 1 candidates per connection, fan_in + fan_out statistics) and the biases."""
+  from sparsejax import distributions
+  import sparsejax.nn as sjnn
+
+  model = get_model(name, 10, {"sparsity": 0.99, "distribution": "er"})
+  variables = jax.eval_shape(model.init, KEY, input_spec("lenet300100"))
+  sizes = (784, *ALWAYS_SPARSE[name], 10)
+  shapes = list(zip(sizes[:-1], sizes[1:]))
+  counts = distributions.allocate_nnz(shapes, 0.99, "er")
+  summary = sjnn.summary(variables["params"])
+  assert [layer["nnz"] for layer in summary["layers"].values()] == counts
+  assert summary["size"] == sum(a * b for a, b in shapes)
+  total = sum(2 * n + a + b + b for n, (a, b) in zip(counts, shapes))
+  assert sum(x.size for x in jax.tree.leaves(variables["params"])) == total
+  assert "kernel" not in str(jax.tree_util.tree_structure(variables["params"]))
 
 
 @pytest.mark.parametrize("num_classes", [10, 100])
