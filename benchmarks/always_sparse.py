@@ -13,7 +13,7 @@ A variant is one jitted step -- ``value_and_grad`` of the softmax cross-entropy,
 ``tx.update``, ``optax.apply_updates`` -- with params, optimizer state and batch passed
 as arguments and params and state donated; it is lowered and compiled ahead of time
 and every call ends with ``block_until_ready``. The kernels walk each layer's
-connections in its ``order`` (by output for wide-output layers, else by input), which
+connections in its ``order`` (tiles of outputs, by input within a tile), which
 rewiring keeps sorted, so a long-trained topology runs like a fresh one.
 
 Parts:
@@ -29,8 +29,8 @@ Parts:
   only, nothing allocated). Slopes are least squares of log time (memory) on log width.
 
 - ``order``: one layer's forward and backward with its connections walked by input,
-  by output and in random order, at 784 → 32768 and 32768² (fan-in 32) and 8192² at
-  99 %.
+  by output, in random order and in the order the layers use (tiles of outputs, by
+  input within a tile), at 784 → 32768 and 32768² (fan-in 32) and 8192² at 99 %.
 
 Timing is interleaved in one process: every round runs ``--calls`` steps of each
 variant of a group (one width of ``ratios``; all of ``sweep``) in turn, the starting
@@ -331,14 +331,17 @@ def part_order(args: argparse.Namespace) -> None:
   from sparsejax.nn import connections, kernels  # pylint: disable=g-import-not-at-top
 
   print()
-  print("| layer | connections | by input | by output | random order | order used |")
+  print("| layer | connections | by input | by output | random order "
+        f"| tiles of {connections.ORDER_TILE} outputs, by input (used) |")
   print("|---|---|---|---|---|---|")
   for fan_in, fan_out, nnz in ORDER_LAYERS:
     log(f"order: {fan_in} x {fan_out}")
     rows, cols = connections.random_connections(jax.random.PRNGKey(0), nnz, fan_in, fan_out)
     by_output = jnp.asarray(np.lexsort((np.asarray(rows), np.asarray(cols))), jnp.int32)
     orders = {"by input": jnp.arange(nnz, dtype=jnp.int32), "by output": by_output,
-              "random order": jax.random.permutation(jax.random.PRNGKey(1), nnz)}
+              "random order": jax.random.permutation(jax.random.PRNGKey(1), nnz),
+              "tiles of outputs by input (used)": connections.connection_order(
+                  rows, cols, fan_in, fan_out)}
     x = jax.random.normal(jax.random.PRNGKey(2), (args.batch, fan_in))
     values = jax.random.normal(jax.random.PRNGKey(3), (nnz,))
 
@@ -353,16 +356,15 @@ def part_order(args: argparse.Namespace) -> None:
     for order in orders.values():  # compile and warm up
       jax.block_until_ready(step(x, values, rows, cols, order))
     for round_ in range(args.repeats):
-      names = list(orders)[round_ % 3:] + list(orders)[:round_ % 3]
+      names = list(orders)[round_ % len(orders):] + list(orders)[:round_ % len(orders)]
       for name in names:
         start = time.perf_counter()
         for _ in range(args.calls):
           out = step(x, values, rows, cols, orders[name])
         jax.block_until_ready(out)
         times[name].append((time.perf_counter() - start) / args.calls)
-    used = "by output" if fan_out > fan_in else "by input"
     cells = " | ".join(f"{statistics.median(times[n]) * 1e3:.1f} ms" for n in orders)
-    print(f"| {fan_in} → {fan_out} | {nnz:,} | {cells} | {used} |")
+    print(f"| {fan_in} → {fan_out} | {nnz:,} | {cells} |")
   print()
   print("Median over rounds of the mean of each round's calls; batch "
         f"{args.batch}, float32.")

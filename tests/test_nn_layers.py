@@ -165,15 +165,16 @@ def test_random_connections_are_distinct_sorted_and_exactly_nnz(fan_in, fan_out,
   assert 0 <= rows.min() and rows.max() < fan_in and 0 <= cols.min() and cols.max() < fan_out
 
 
-@pytest.mark.parametrize("fan_in,fan_out", [(6, 40), (40, 6)])
-def test_connection_order_walks_the_wider_side_in_sorted_order(fan_in, fan_out):
+@pytest.mark.parametrize("fan_in,fan_out,tile", [(6, 40, 16), (40, 6, 16), (7, 9, 2048)])
+def test_connection_order_walks_output_tiles_by_input(fan_in, fan_out, tile, monkeypatch):
+  monkeypatch.setattr(connections, "ORDER_TILE", tile)
   rows, cols = connections.random_connections(jax.random.PRNGKey(3), 50, fan_in, fan_out)
   permuted = jax.random.permutation(jax.random.PRNGKey(4), 50)
-  rows, cols = rows[permuted], cols[permuted]
+  rows, cols = np.asarray(rows[permuted]), np.asarray(cols[permuted])
   order = np.asarray(connections.connection_order(rows, cols, fan_in, fan_out))
   assert sorted(order) == list(range(50))
-  key = cols * fan_in + rows if fan_out > fan_in else rows * fan_out + cols
-  assert np.all(np.diff(np.asarray(key)[order]) > 0)
+  walked = list(zip(cols[order] // tile, rows[order], cols[order]))
+  assert walked == sorted(walked)
 
 
 def test_random_connections_are_uniform():

@@ -70,7 +70,7 @@ def initial_params(key: jax.Array, topology: dict[str, jax.Array], fan_in: int, 
 def sparse_rows(x: jax.Array, params: dict[str, jax.Array], topology: dict[str, jax.Array],
                 fan_out: int) -> jax.Array:
   """The sparse product of ``x`` ``[rows, fan_in]`` with its growth probe, ``[rows, fan_out]``."""
-  order = topology["order"]  # the connections in a cache-friendly order
+  order = topology["order"]  # the connections in a cache-friendly order (connection_order)
   y = kernels.sparse_matmul(x, params["values"][order], topology["rows"][order],
                             topology["cols"][order], fan_out)
   return kernels.growth_probe(
