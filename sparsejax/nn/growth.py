@@ -166,7 +166,7 @@ def always_sparse(inner: optax.GradientTransformation, *, topology: Any, end_ste
   Args:
     inner: the user's optimizer.
     topology: the model's initial ``"topology"`` collection (linen) or
-      ``nnx.state(model, sparsejax.nn.Topology)``.
+      ``nnx.state(model, sparsejax.nn.nnx.Topology)``.
     end_step: last step at which connections change.
     fraction: schedule of the fraction of each layer's connections moved.
     max_fraction: its largest value (static bound of the moves).
