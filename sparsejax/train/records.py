@@ -67,7 +67,7 @@ def state_masks(opt_state: optax.OptState) -> Any:
   return optax.tree_utils.tree_get(opt_state, "masks")
 
 
-def is_always_sparse(opt_state: optax.OptState) -> bool:
+def keeps_topology(opt_state: optax.OptState) -> bool:
   """Whether the state is an always-sparse method's (:mod:`sparsejax.nn`)."""
   return optax.tree_utils.tree_get(opt_state, "topology") is not None
 
@@ -109,7 +109,7 @@ def track_step(tracker: Tracker, loss: jax.Array, old_opt_state: optax.OptState,
   """
   tracker = tracker._replace(loss_sum=tracker.loss_sum + loss, loss_count=tracker.loss_count + 1)
   masks = state_masks(old_opt_state)
-  if masks is None and not is_always_sparse(old_opt_state):
+  if masks is None and not keeps_topology(old_opt_state):
     return tracker
   sparse, dense = flops.forward_flops(params, masks, positions)
   dense_gradient = optax.tree_utils.tree_get(new_opt_state, "dense_gradient", False)
@@ -143,7 +143,7 @@ def row(experiment: Experiment, state: TrainState, totals: Totals,
          "learning_rate": float(experiment.learning_rate(step - 1)), "sparsity": 0.0}
   masks = state_masks(state.opt_state)
   stats = None if masks is None else metrics.mask_statistics(masks, tracker.eval_masks)
-  if is_always_sparse(state.opt_state):
+  if keeps_topology(state.opt_state):
     stats = always_sparse_statistics(state.params)
   if stats is not None:
     out["sparsity"] = stats["sparsity"]
