@@ -108,8 +108,8 @@ def summary(params: Any) -> dict[str, Any]:
            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   layers = {}
   for name, nnz in sizes.items():
-    if name.split("/")[-1] == VALUES:
-      prefix = name[:-len(VALUES)]
+    prefix = name[:-len(VALUES)]
+    if name.split("/")[-1] == VALUES and prefix + "probe_inputs" in sizes:
       size = sizes[prefix + "probe_inputs"] * sizes[prefix + "probe_outputs"]
       layers[name] = {"nnz": nnz, "size": size, "sparsity": 1.0 - nnz / size}
   nnz = sum(layer["nnz"] for layer in layers.values())
@@ -119,6 +119,7 @@ def summary(params: Any) -> dict[str, Any]:
 
 
 def candidate_count(candidates: float, nnz: int) -> int:
+  """⌊candidates · nnz⌋ candidate slots; ValueError for a negative factor."""
   if candidates < 0:
     raise ValueError(f"candidates must be >= 0, got {candidates!r}")
   return math.floor(candidates * nnz)
