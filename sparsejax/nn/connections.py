@@ -104,10 +104,10 @@ def connection_order(rows: jax.Array, cols: jax.Array, fan_in: int, fan_out: int
   chunk's scatter-adds stay in one tile of the outputs (2048 rows of a batch of 128
   floats: 1 MiB, in cache) while its gathers read the inputs in order. Measured
   here (forward and backward, batch 128; ``benchmarks/always_sparse.py
-  --part=order``), it is the fastest order or within 5 % of it on every layer
-  tried: 32768² at fan-in 32 197 ms (by input 229, by output 309, random order,
-  where rewiring leaves the slots, ~640); 8192² at 99 % 59 ms (72, 90, 158);
-  784 → 32768 at fan-in 32 113 ms (215, 114, 281).
+  --part=order``), it is the fastest order or within 8 % of it on every layer
+  tried: 32768² at fan-in 32 234 ms (by input 264, by output 294, random order,
+  where rewiring leaves the slots, 530); 8192² at 99 % 76 ms (87, 125, 228);
+  784 → 32768 at fan-in 32 157 ms (316, 146, 381).
 
   Args:
     rows, cols: the connections ``[nnz]``, no pair twice.
