@@ -11,8 +11,9 @@ O(nnz + batch · (fan_in + fan_out)) and time O(batch · nnz).
 Measured on this project's 2-core CPU (8192 × 8192, batch 128, forward and both
 backward products ÷ the dense layer's): chunks of 4,096 take 0.13–0.27× at 99 %
 sparsity and 0.03× at 99.9 %; one gather of all connections at once (the
-``[nnz, batch]`` block) or ``jax.experimental.sparse`` take 1.2–4.3× at 99 %. The order of the connections changes the speed (the
-lower bound above is sorted, the upper random; the layers walk them in
+``[nnz, batch]`` block) or ``jax.experimental.sparse`` take 1.2–4.3× at 99 %.
+The order of the connections changes the speed (the lower bound above is sorted,
+the upper random; the layers walk them in
 :func:`sparsejax.nn.connections.connection_order`), not the result beyond float
 summation order.
 """
