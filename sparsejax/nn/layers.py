@@ -46,6 +46,10 @@ MISSING_TOPOLOGY = ("always-sparse layers need the topology the method keeps: "
                     "model.apply({'params': params, 'topology': sparsejax.nn.topology(opt_state)}, x)")
 
 
+VALUES = "values"  # the param of an always-sparse layer's active weights
+PROBES = ("probe_candidates", "probe_inputs", "probe_outputs")
+
+
 def initial_topology(key: jax.Array, nnz: int, fan_in: int, fan_out: int,
                      candidates: int) -> dict[str, jax.Array]:
   """A layer's topology at initialisation: random connections, no growth instructions."""
@@ -58,13 +62,18 @@ def initial_topology(key: jax.Array, nnz: int, fan_in: int, fan_out: int,
           "key": jax.random.key_data(jax.random.PRNGKey(0))}
 
 
+def probe_shapes(candidates: int, fan_in: int, fan_out: int) -> dict[str, tuple[int]]:
+  """The shapes of a layer's three zero-valued probe params (the names of ``PROBES``)."""
+  return {"probe_candidates": (candidates,), "probe_inputs": (fan_in,),
+          "probe_outputs": (fan_out,)}
+
+
 def initial_params(key: jax.Array, topology: dict[str, jax.Array], fan_in: int, fan_out: int,
                    dtype: Any) -> dict[str, jax.Array]:
   """``values`` as GSE initialises them and the three zero probes."""
-  return {"values": connections.gse_values(key, topology["cols"], fan_out, dtype),
-          "probe_candidates": jnp.zeros(topology["candidate_rows"].shape, dtype),
-          "probe_inputs": jnp.zeros((fan_in,), dtype),
-          "probe_outputs": jnp.zeros((fan_out,), dtype)}
+  shapes = probe_shapes(topology["candidate_rows"].shape[0], fan_in, fan_out)
+  return {VALUES: connections.gse_values(key, topology["cols"], fan_out, dtype),
+          **{name: jnp.zeros(shape, dtype) for name, shape in shapes.items()}}
 
 
 def sparse_rows(x: jax.Array, params: dict[str, jax.Array], topology: dict[str, jax.Array],
@@ -78,10 +87,6 @@ def sparse_rows(x: jax.Array, params: dict[str, jax.Array], topology: dict[str, 
                                                          params["probe_outputs"]]),
       topology["candidate_rows"], topology["candidate_cols"], topology["grow"],
       topology["observe"], jax.random.wrap_key_data(topology["key"], impl="threefry2x32"))
-
-
-VALUES = "values"  # the param of an always-sparse layer's active weights
-PROBES = ("probe_candidates", "probe_inputs", "probe_outputs")
 
 
 def summary(params: Any) -> dict[str, Any]:
@@ -138,11 +143,10 @@ class _LinenSparse(nn.Module):
              if self.is_initializing() else None)
     topology = {name: self.variable(TOPOLOGY, name, lambda n=name: fresh[n]).value
                 for name in TOPOLOGY_FIELDS}
-    probes = {"probe_candidates": (m,), "probe_inputs": (fan_in,), "probe_outputs": (features,)}
-    params = {"values": self.param("values", lambda key: connections.gse_values(
+    params = {VALUES: self.param(VALUES, lambda key: connections.gse_values(
         key, topology["cols"], features, self.param_dtype))}
     params.update({name: self.param(name, nn.initializers.zeros_init(), shape, self.param_dtype)
-                   for name, shape in probes.items()})
+                   for name, shape in probe_shapes(m, fan_in, features).items()})
     dtype = self.dtype or jnp.promote_types(x.dtype, self.param_dtype)
     y = sparse_rows(x.reshape(-1, fan_in).astype(dtype), params, topology, features)
     if self.use_bias:
