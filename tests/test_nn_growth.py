@@ -262,3 +262,19 @@ def test_bad_arguments_are_one_line_errors():
     with pytest.raises(ValueError, match=message) as error:
       make()
     assert "\n" not in str(error.value)
+
+
+def test_gse_uniform_with_rigls_fraction_is_rigl_exactly():
+  """GSE's 0.15 · (1 + cos) equals RigL's 0.3 cosine: with uniform candidates and the
+  same seed both grow and drop the same connections (the README's Fashion-MNIST note)."""
+  def make(method):
+    if method == "gse":
+      return lambda t: growth.gse(optax.sgd(0.1, momentum=0.9), topology=t, end_step=12,
+                                  update_every=2, growth_fraction=0.15)
+    return lambda t: growth.rigl(optax.sgd(0.1, momentum=0.9), topology=t, end_step=12,
+                                 update_every=2, drop_fraction=0.3)
+  _, (p_gse, s_gse) = train(make("gse"), 6)
+  _, (p_rigl, s_rigl) = train(make("rigl"), 6)
+  chex.assert_trees_all_equal(growth.topology(s_gse), growth.topology(s_rigl))
+  chex.assert_trees_all_close(p_gse, p_rigl, rtol=1e-6, atol=1e-7)
+  assert int(s_gse.rewired) > 0
