@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax import distributions
+from sparsejax import batching, distributions
 
 DensePredicate = Callable[[str, Any], bool]
 
@@ -37,6 +37,31 @@ def map_masked(fn: Callable[..., Any], masks: Any, *trees: Any) -> Any:
   """
   return jax.tree.map(lambda m, *xs: None if m is None else fn(m, *xs), masks, *trees,
                       is_leaf=is_unmasked)
+
+
+def map_masked_together(fn: Callable[..., list[Any]], masks: Any, *trees: Any) -> Any:
+  """``fn`` on all masked leaves at once: lists of leaves in, a list out; None stays None.
+
+  For functions that treat every leaf in one computation (one selection over all
+  layers) rather than leaf by leaf.
+
+  Args:
+    fn: function of the list of masked leaves of ``masks`` and the matching lists of
+      ``trees``, returning one result per masked leaf.
+    masks: a pytree whose None leaves mark dense leaves.
+    *trees: pytrees with the structure of the params (or of ``masks``).
+
+  Returns:
+    A pytree like ``masks``.
+  """
+  leaves, treedef = jax.tree.flatten(masks, is_leaf=is_unmasked)
+  chosen = [i for i, leaf in enumerate(leaves) if leaf is not None]
+  columns = [[column[i] for i in chosen]
+             for column in [leaves] + [treedef.flatten_up_to(tree) for tree in trees]]
+  out: list[Any] = [None] * len(leaves)
+  for i, result in zip(chosen, fn(*columns), strict=True):
+    out[i] = result
+  return jax.tree.unflatten(treedef, out)
 
 
 # Last key-path entries of weight matrices: Flax's (linen and nnx), Haiku's, PyTorch-style.
@@ -180,14 +205,23 @@ def random_masks(key: jax.Array, params: Any, nnz: Any) -> Any:
   """
   counts, treedef = jax.tree.flatten(nnz, is_leaf=is_unmasked)
   leaves = treedef.flatten_up_to(params)
-  keys = jax.random.split(key, len(leaves))
+  keys = list(jax.random.split(key, len(leaves)))
   # The first n entries of a random permutation: exact counts, and a sort compiles
-  # far faster than a traced-k selection (initialisation has static counts). One sort
-  # over all leaves at once would need per-entry leaf ids, which XLA constant-folds
-  # for seconds.
-  out = [None if n is None else
-         (jax.random.permutation(k, math.prod(jnp.shape(p))) < n).reshape(jnp.shape(p))
-         for k, p, n in zip(keys, leaves, counts)]
+  # far faster than a traced-k selection (initialisation has static counts). Leaves
+  # of one shape share one vmapped permutation (the same values as one per leaf).
+  shapes = [None if n is None else jax.ShapeDtypeStruct(jnp.shape(p), bool)
+            for p, n in zip(leaves, counts)]
+  out: list[jax.Array | None] = [None] * len(leaves)
+  for group in batching.shape_groups(shapes):
+    shape = shapes[group[0]].shape
+
+    def leaf_mask(leaf_key, count, shape=shape):
+      return (jax.random.permutation(leaf_key, math.prod(shape)) < count).reshape(shape)
+
+    masks_of_group = batching.map_stacked(leaf_mask, [group], keys,
+                                          [None if n is None else jnp.int32(n) for n in counts])
+    for i in group:
+      out[i] = masks_of_group[i]
   return jax.tree.unflatten(treedef, out)
 
 

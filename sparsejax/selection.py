@@ -32,86 +32,116 @@ def sortable_key(scores: jax.Array) -> jax.Array:
   return jnp.where(negative, ~bits, bits | _SIGN_BIT)
 
 
-def _count(flags: jax.Array) -> jax.Array:
-  """Number of True entries of a ``[rows, _COLUMNS]`` array.
+def _layout(scores: list[jax.Array], eligible: list[jax.Array | None], segments: list[int]
+            ) -> tuple[jax.Array, jax.Array, jax.Array, list[int]]:
+  """All arrays as one ``[rows, _COLUMNS]`` layout, ordered by segment then position.
 
-  Column sums in float32 vectorise better on CPU than one int32 reduction and are
-  exact while ``rows <= 2**24``.
+  Returns:
+    ``(key, ok, row_segment, order)``: order-preserving keys (0 where not eligible or
+    padding), eligibility, the segment of every row, and the array order used.
   """
-  return jnp.sum(flags, axis=0, dtype=jnp.float32).astype(jnp.int32).sum()
+  order = sorted(range(len(scores)), key=lambda i: (segments[i], i))
+  keys, oks, row_segments = [], [], []
+  for i in order:
+    n = scores[i].size
+    rows = max(-(-n // _COLUMNS), 1)
+    ok = jnp.ones((n,), bool) if eligible[i] is None else eligible[i].reshape(-1)
+    key = jnp.where(ok, sortable_key(scores[i].reshape(-1)), jnp.uint32(0))
+    padding = rows * _COLUMNS - n  # padded entries: key 0 and not eligible, never chosen
+    keys.append(jnp.pad(key, (0, padding)).reshape(rows, _COLUMNS))
+    oks.append(jnp.pad(ok, (0, padding)).reshape(rows, _COLUMNS))
+    row_segments.append(jnp.full((rows,), segments[i], jnp.int32))
+  if sum(len(r) for r in row_segments) > 2**24:
+    raise ValueError("top_k_masks supports up to 2**31 entries in all, got "
+                     f"{sum(s.size for s in scores)}")
+  return (jnp.concatenate(keys), jnp.concatenate(oks), jnp.concatenate(row_segments), order)
 
 
-def _first_in_order(flags: jax.Array, room: jax.Array) -> jax.Array:
-  """The first ``room`` True entries of ``flags`` in row-major order.
-
-  Same as ``flags & (cumsum(flags) <= room)`` but with per-row counts and a single
-  row's cumsum instead of a full one.
-  """
-  per_row = flags.sum(axis=1, dtype=jnp.int32)
-  through_row = jnp.cumsum(per_row)  # True entries up to and including each row
-  crossing = jnp.minimum(jnp.sum(through_row <= room, dtype=jnp.int32), flags.shape[0] - 1)
-  in_row = jnp.cumsum(jax.lax.dynamic_index_in_dim(flags, crossing, 0, keepdims=False),
-                      dtype=jnp.int32)
-  room_in_row = room - (through_row - per_row)[crossing]
-  partial = (jnp.arange(flags.shape[0])[:, None] == crossing) & (in_row[None, :] <= room_in_row)
-  return flags & ((through_row <= room)[:, None] | partial)
+def _per_segment(flags: jax.Array, row_segment: jax.Array, count: int) -> jax.Array:
+  """Number of True entries of ``flags [rows, _COLUMNS]`` in every segment, as int32."""
+  per_row = jnp.sum(flags, axis=1, dtype=jnp.float32).astype(jnp.int32)  # exact: ≤ 128
+  return jax.ops.segment_sum(per_row, row_segment, num_segments=count, indices_are_sorted=True)
 
 
-def _layout(scores: jax.Array, eligible: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """``(key, ok)`` as ``[rows, _COLUMNS]``: order-preserving keys, 0 where not eligible."""
-  n = scores.size
-  rows = max(-(-n // _COLUMNS), 1)
-  if rows > 2**24:
-    raise ValueError(f"top_k_mask supports up to 2**31 entries per array, got {n}")
-  ok = jnp.ones((n,), bool) if eligible is None else eligible.reshape(-1)
-  key = jnp.where(ok, sortable_key(scores.reshape(-1)), jnp.uint32(0))
-  padding = rows * _COLUMNS - n  # padded entries: key 0 and not eligible, never chosen
-  return (jnp.pad(key, (0, padding)).reshape(rows, _COLUMNS),
-          jnp.pad(ok, (0, padding)).reshape(rows, _COLUMNS))
+def _first_in_order(tied: jax.Array, room: jax.Array, row_segment: jax.Array,
+                    count: int) -> jax.Array:
+  """In every segment, the first ``room[s]`` True entries of ``tied`` in row-major order."""
+  per_row = jnp.sum(tied, axis=1, dtype=jnp.int32)
+  before_row = jnp.cumsum(per_row) - per_row  # True entries in all earlier rows
+  segment_start = jax.ops.segment_min(before_row, row_segment, num_segments=count,
+                                      indices_are_sorted=True)
+  room_at_row = room[row_segment] - (before_row - segment_start[row_segment])
+  return tied & (jnp.cumsum(tied, axis=1, dtype=jnp.int32) <= room_at_row[:, None])
 
 
 def top_k_masks(scores: list[jax.Array], k: jax.Array | int,
-                eligible: list[jax.Array | None] | None = None) -> list[jax.Array]:
-  """Marks the ``k`` eligible entries with the highest scores across several arrays.
+                eligible: list[jax.Array | None] | None = None,
+                segments: list[int] | None = None) -> list[jax.Array]:
+  """Marks, in every segment of arrays, the ``k`` eligible entries with the highest scores.
 
-  One selection over all of them, as if they were concatenated (without forming
-  the concatenation): exactly ``min(k, number eligible)`` entries are marked, and
-  among equal scores an earlier array, then a lower flat index, wins.
+  A segment is a group of arrays selected from together, as if concatenated (without
+  forming the concatenation): by default all arrays form one segment and ``k`` is a
+  scalar; with ``segments`` (one segment index per array, ``0 .. count - 1``) ``k``
+  holds one count per segment. Every segment gets exactly ``min(k[s], eligible in s)``
+  entries, and among equal scores an earlier array, then a lower flat index, wins.
+  All segments share one bisection: the compiled code does not grow with their number.
 
   Args:
     scores: float arrays of any shapes (no NaN).
-    k: number of entries to select in total (may be a traced integer scalar).
+    k: entries to select per segment: a scalar, or ``[count]`` with ``segments``
+      (may be traced).
     eligible: optional bool arrays like ``scores`` (None entries: all eligible).
+    segments: optional segment index of every array.
 
   Returns:
     Bool arrays like ``scores``.
   """
   eligible = eligible or [None] * len(scores)
-  layouts = [_layout(s, e) for s, e in zip(scores, eligible)]
-
-  def count(flags):
-    return sum(_count(f) for f in flags)
-
-  k = jnp.minimum(jnp.asarray(k, jnp.int32), count(ok for _, ok in layouts))
+  segments = [0] * len(scores) if segments is None else list(segments)
+  count = max(segments) + 1
+  key, ok, row_segment, order = _layout(scores, eligible, segments)
+  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (count,))
+  k = jnp.minimum(k, _per_segment(ok, row_segment, count))
 
   def add_bit(bit, threshold):
     candidate = threshold | (jnp.uint32(1) << jnp.asarray(31 - bit, jnp.uint32))
     # Ineligible keys are 0 < candidate, so they are never counted.
-    return jnp.where(count(key >= candidate for key, _ in layouts) >= k, candidate, threshold)
+    enough = _per_segment(key >= candidate[row_segment][:, None], row_segment, count) >= k
+    return jnp.where(enough, candidate, threshold)
 
-  # The largest threshold with at least k eligible keys at or above it: the k-th key.
-  kth = jax.lax.fori_loop(0, 32, add_bit, jnp.uint32(0))
-  room = k - count(key > kth for key, _ in layouts)
-  out = []
-  for (key, ok), s in zip(layouts, scores):
-    tied = ok & (key == kth)
-    ties = _count(tied)
-    # Ties at the k-th key are rare for continuous scores: break them only when needed.
-    chosen = jax.lax.cond(ties > room, _first_in_order, lambda t, r: t, tied,
-                          jnp.maximum(room, 0))
-    room = room - jnp.minimum(ties, jnp.maximum(room, 0))
-    out.append(((key > kth) | chosen).reshape(-1)[:s.size].reshape(s.shape))
+  # Per segment, the largest threshold with at least k eligible keys at or above it.
+  kth = jax.lax.fori_loop(0, 32, add_bit, jnp.zeros((count,), jnp.uint32))[row_segment][:, None]
+  room = k - _per_segment(key > kth, row_segment, count)
+  tied = ok & (key == kth)
+  # Ties at the k-th key are rare for continuous scores: break them only when needed.
+  chosen = jax.lax.cond(jnp.any(_per_segment(tied, row_segment, count) > room),
+                        lambda t, r: _first_in_order(t, r, row_segment, count),
+                        lambda t, r: t, tied, jnp.maximum(room, 0))
+  chosen = ((key > kth) | chosen).reshape(-1)
+  out: list[jax.Array | None] = [None] * len(scores)
+  start = 0
+  for i in order:
+    n = scores[i].size
+    out[i] = chosen[start:start + n].reshape(scores[i].shape)
+    start += max(-(-n // _COLUMNS), 1) * _COLUMNS
   return out
+
+
+def top_k_each(scores: list[jax.Array], k: jax.Array | list[int],
+               eligible: list[jax.Array | None] | None = None) -> list[jax.Array]:
+  """Marks the ``k[i]`` eligible entries with the highest scores of every array ``i``.
+
+  The same as :func:`top_k_mask` per array, in one selection for all of them.
+
+  Args:
+    scores: float arrays of any shapes (no NaN).
+    k: ``[len(scores)]`` counts (may be traced).
+    eligible: optional bool arrays like ``scores``.
+
+  Returns:
+    Bool arrays like ``scores``.
+  """
+  return top_k_masks(scores, jnp.asarray(k, jnp.int32), eligible, list(range(len(scores))))
 
 
 def top_k_mask(scores: jax.Array, k: jax.Array | int, eligible: jax.Array | None = None) -> jax.Array:

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax.masks import DensePredicate, map_masked, nnz_targets, random_masks
+from sparsejax.masks import DensePredicate, map_masked_together, nnz_targets, random_masks
 from sparsejax.scores import ScoreFn, ScoreInputs
-from sparsejax.selection import top_k_mask
+from sparsejax.selection import top_k_each
 
 
 def random_init(sparsity: float, distribution: str | Mapping[str, float],
@@ -50,29 +50,31 @@ def swap_count(fraction: jax.Array, nnz: jax.Array) -> jax.Array:
   return (nnz.astype(jnp.float32) * fraction).astype(jnp.int32)
 
 
-def drop_and_grow_leaf(mask: jax.Array, drop_score: jax.Array, grow_score: jax.Array,
-                       fraction: jax.Array) -> jax.Array:
-  """One layer's update: drop the k weakest active weights, grow the k best of the rest.
+def drop_and_grow_leaves(masks: list[jax.Array], drop_scores: list[jax.Array],
+                         grow_scores: list[jax.Array], fraction: jax.Array) -> list[jax.Array]:
+  """Every layer's update: drop its k weakest active weights, grow the k best of the rest.
 
-  As ``_get_update_op`` of google-research/rigl: ``k = int(fraction · nnz)``
+  As ``_get_update_op`` of google-research/rigl, per layer: ``k = int(fraction · nnz)``
   (truncated), the ``nnz − k`` active weights with the highest drop score are kept,
   and the ``k`` weights with the highest grow score among all the others, the ones
-  dropped just now included, are grown; nnz is unchanged.
+  dropped just now included, are grown; nnz is unchanged. Two selections
+  (:func:`sparsejax.selection.top_k_each`) serve all layers at once, so the compiled
+  update does not grow with the number of layers.
 
   Args:
-    mask: bool mask of the layer.
-    drop_score: higher = keep.
-    grow_score: higher = grow first.
+    masks: bool mask of every layer.
+    drop_scores: higher = keep, one array per layer.
+    grow_scores: higher = grow first, one array per layer.
     fraction: fraction of active weights to swap.
 
   Returns:
-    The new bool mask.
+    The new bool masks.
   """
-  nnz = mask.sum(dtype=jnp.int32)
+  nnz = jnp.stack([m.sum(dtype=jnp.int32) for m in masks])
   k = swap_count(fraction, nnz)
-  kept = top_k_mask(drop_score, nnz - k, eligible=mask)
-  grown = top_k_mask(grow_score, k, eligible=~kept)
-  return kept | grown
+  kept = top_k_each(drop_scores, nnz - k, eligible=masks)
+  grown = top_k_each(grow_scores, k, eligible=[~m for m in kept])
+  return [a | b for a, b in zip(kept, grown)]
 
 
 def drop_and_grow(drop_score: ScoreFn, grow_score: ScoreFn, drop_fraction: optax.Schedule,
@@ -104,8 +106,9 @@ def drop_and_grow(drop_score: ScoreFn, grow_score: ScoreFn, drop_fraction: optax
     if update_extra is not None:
       inputs = inputs._replace(extra=update_extra(inputs))
     fraction = drop_fraction(inputs.step)
-    masks = map_masked(lambda m, d, g: drop_and_grow_leaf(m, d, g, fraction),
-                       inputs.masks, drop_score(inputs), grow_score(inputs))
+    masks = map_masked_together(
+        lambda m, d, g: drop_and_grow_leaves(m, d, g, fraction),
+        inputs.masks, drop_score(inputs), grow_score(inputs))
     return masks, inputs.extra
 
   return update_masks

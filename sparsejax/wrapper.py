@@ -185,7 +185,9 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
       return state.masks, key, extra, inner_state, state.ever_active, jnp.zeros((), bool)
 
     is_update = topology.is_update_step(step)
-    finite = all_finite(updates, state.masks)
+    # Reading every gradient for the finiteness check is only needed at update steps.
+    finite = jax.lax.cond(is_update, lambda: all_finite(updates, state.masks),
+                          lambda: jnp.ones((), bool))
     rewiring = is_update & finite
     nonfinite = state.nonfinite_updates + (is_update & ~finite).astype(jnp.int32)
     # Only masks, key, method state and the inner state cross the cond; the weights'

@@ -12,12 +12,12 @@ from sparsejax import distributions, schedules
 from sparsejax.masks import (
   DensePredicate,
   keep_non_kernels_dense,
-  map_masked,
+  map_masked_together,
   masked_leaves,
   nnz_targets,
 )
 from sparsejax.scores import ScoreInputs
-from sparsejax.selection import top_k_mask
+from sparsejax.selection import top_k_each
 from sparsejax.wrapper import Topology, sparse_wrapper
 
 
@@ -87,13 +87,17 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
     return periodic(step) | (step == max(start_step, 1)) | (step == end_step)
 
   def update_masks(inputs: ScoreInputs):
-    def prune(mask, final_nnz, param):
-      initial_nnz = jnp.maximum(round((1.0 - initial_sparsity) * mask.size), final_nnz)
-      nnz = final_nnz + jnp.round((initial_nnz - final_nnz) * remaining(inputs.step))
-      nnz = jnp.minimum(nnz.astype(jnp.int32), mask.sum(dtype=jnp.int32))
-      return top_k_mask(jnp.abs(param), nnz, eligible=mask)
+    def prune(masks, final_nnz, params):
+      """Every layer's ``nnz`` largest active weights, in one selection."""
+      def target(mask, final):
+        initial = jnp.maximum(round((1.0 - initial_sparsity) * mask.size), final)
+        nnz = final + jnp.round((initial - final) * remaining(inputs.step))
+        return jnp.minimum(nnz.astype(jnp.int32), mask.sum(dtype=jnp.int32))
 
-    masks = map_masked(prune, inputs.masks, inputs.extra, inputs.params)
+      nnz = jnp.stack([target(m, n) for m, n in zip(masks, final_nnz)])
+      return top_k_each([jnp.abs(p) for p in params], nnz, eligible=masks)
+
+    masks = map_masked_together(prune, inputs.masks, inputs.extra, inputs.params)
     return masks, inputs.extra
 
   topology = Topology(init_masks, init_extra, is_update_step=is_update_step,
