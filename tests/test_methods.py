@@ -11,12 +11,13 @@ from conftest import (
   run,
 )
 import jax
+import jax.extend.core
 import numpy as np
 import optax
 import pytest
 
 import sparsejax as sj
-from sparsejax.masks import nnz_targets
+from sparsejax.masks import nnz_targets, random_masks
 from sparsejax.schedules import cosine_drop_fraction, update_steps
 from sparsejax.wrapper import apply_masks
 
@@ -342,3 +343,43 @@ def test_coverage_grows_with_exploration_and_is_per_layer(mlp):
   assert end["global"] == pytest.approx(weighted)
   with pytest.raises(ValueError, match="no sparsejax method state"):
     sj.coverage(optax.sgd(0.1).init(params))
+
+
+def _loops(jaxpr) -> int:
+  """Number of loops (while, scan) in a jaxpr, nested ones included."""
+  return sum((eqn.primitive.name in ("while", "scan"))
+             + sum(_loops(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+             for eqn in jaxpr.eqns)
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "dst_ee", "gmp"])
+def test_the_compiled_update_does_not_grow_with_the_number_of_layers(method):
+  """One selection serves every layer: 3 or 12 layers of assorted shapes, the same loops."""
+  def loops(layers):
+    params = {f"layer_{i}": {"kernel": jax.numpy.ones((4 + i, 6)), "bias": jax.numpy.zeros(6)}
+              for i in range(layers)}
+    if method == "gmp":
+      tx = sj.gmp(optax.sgd(0.1), sparsity=0.5, update_every=1, start_step=0, end_step=10)
+    else:
+      factory = {"rigl": sj.rigl, "set": sj.set, "dst_ee": sj.dst_ee}[method]
+      tx = factory(optax.sgd(0.1), sparsity=0.5, distribution="uniform", update_every=1,
+                   end_step=10)
+    state = tx.init(params)
+    return _loops(jax.make_jaxpr(tx.update)(params, state, params).jaxpr)
+
+  assert loops(3) == loops(12)
+
+
+def test_random_masks_of_equal_shapes_match_one_permutation_per_leaf():
+  """Leaves of one shape share a vmapped permutation: the masks of a seed are unchanged."""
+  params = {"a": np.ones((8, 8)), "b": np.ones((8, 8)), "c": np.ones((4, 6)), "d": np.ones(3)}
+  nnz = {"a": 10, "b": 20, "c": 5, "d": None}
+  masks = random_masks(jax.random.PRNGKey(3), params, nnz)
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  for key, name in zip(keys, "abcd"):
+    if nnz[name] is None:
+      assert masks[name] is None
+      continue
+    shape = params[name].shape
+    expected = (jax.random.permutation(key, np.prod(shape)) < nnz[name]).reshape(shape)
+    np.testing.assert_array_equal(masks[name], expected)

@@ -4,10 +4,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import hypothesis.extra.numpy as hnp
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.selection import sortable_key, top_k_mask, top_k_masks
+from sparsejax.selection import sortable_key, top_k_each, top_k_mask, top_k_masks
 
 jitted = jax.jit(top_k_mask)
 
@@ -85,3 +86,55 @@ def test_selection_across_arrays_equals_selection_of_their_concatenation(data):
                                jnp.asarray(np.concatenate(eligible))))
   apart = across([jnp.asarray(a) for a in arrays], k, [jnp.asarray(e) for e in eligible])
   np.testing.assert_array_equal(np.concatenate([np.asarray(m) for m in apart]), together)
+
+
+each = jax.jit(top_k_each)
+by_segment = jax.jit(top_k_masks, static_argnames="segments")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_one_selection_per_array_equals_separate_selections(data):
+  """top_k_each = top_k_mask of every array on its own, ties included."""
+  values = st.sampled_from([-1.0, 0.0, 0.5, 1.0, 3.0])
+  arrays = [data.draw(hnp.arrays(np.float32, n, elements=values)) for n in SIZES]
+  eligible = [data.draw(hnp.arrays(np.bool_, n)) for n in SIZES]
+  ks = [data.draw(st.integers(0, n)) for n in SIZES]
+  together = each([jnp.asarray(a) for a in arrays], jnp.asarray(ks),
+                  [jnp.asarray(e) for e in eligible])
+  for a, e, k, mask in zip(arrays, eligible, ks, together, strict=True):
+    np.testing.assert_array_equal(mask, jitted(jnp.asarray(a), k, jnp.asarray(e)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_segments_of_several_arrays_select_as_their_concatenations(data):
+  """Arrays 0 and 2 form segment 1, array 1 segment 0: each as its own concatenation."""
+  values = st.sampled_from([-1.0, 0.0, 0.5, 1.0, 3.0])
+  arrays = [data.draw(hnp.arrays(np.float32, n, elements=values)) for n in SIZES]
+  k0 = data.draw(st.integers(0, SIZES[1]))
+  k1 = data.draw(st.integers(0, SIZES[0] + SIZES[2]))
+  out = by_segment([jnp.asarray(a) for a in arrays], jnp.asarray([k0, k1]), None,
+                   segments=(1, 0, 1))
+  np.testing.assert_array_equal(out[1], jitted(jnp.asarray(arrays[1]), k0))
+  joint = jitted(jnp.asarray(np.concatenate([arrays[0], arrays[2]])), k1)
+  np.testing.assert_array_equal(np.concatenate([out[0], out[2]]), joint)
+
+
+def _while_loops(jaxpr) -> int:
+  """Number of loops (while, scan) in a jaxpr, nested ones included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name in ("while", "scan")
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += _while_loops(sub)
+  return count
+
+
+def test_the_selection_code_does_not_grow_with_the_number_of_arrays():
+  """Two or twenty arrays of different shapes: the same loops."""
+  def loops(n):
+    scores = [jnp.ones((i + 1, 3)) for i in range(n)]
+    return _while_loops(jax.make_jaxpr(top_k_each)(scores, jnp.ones(n, jnp.int32)).jaxpr)
+
+  assert loops(2) == loops(20) > 0
