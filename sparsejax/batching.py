@@ -1,13 +1,12 @@
 """Tracing per distinct shape, not per leaf: leaves of equal shapes are stacked and vmapped.
 
-A mask update or initialisation written leaf by leaf compiles one copy of its code
-per masked leaf, so a 24-block transformer (145 masked leaves) compiles 145
-selections. Its leaves come in a handful of shapes (query/key/value/out kernels and
-two MLP kernels per block), so stacking the leaves of each shape and mapping the
-per-leaf function with ``jax.vmap`` compiles it once per shape instead. The results
-are identical to the leaf-by-leaf ones for functions that treat every leaf on its
-own (vmap changes how they are computed, not what); stacking costs one copy of the
-stacked inputs, paid only where the function runs.
+Code written leaf by leaf compiles one copy per leaf, so a 24-block transformer (145
+masked leaves) would compile 145 random permutations for its initial masks. Its
+leaves come in a handful of shapes (attention and MLP kernels repeat in every
+block): stacking the leaves of each shape and mapping the per-leaf function with
+``jax.vmap`` compiles it once per shape. The results equal the leaf-by-leaf ones
+for functions that treat every leaf on its own (``jax.random`` functions included:
+vmap changes how they are computed, not what).
 """
 
 from __future__ import annotations

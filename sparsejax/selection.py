@@ -7,6 +7,12 @@ largest score by a 32-step bisection over the bits of an order-preserving intege
 key (each step counts ``key >= candidate``), then break ties by index. On 1M scores
 this takes a few ms on a CPU core, against ~60 ms for ``lax.top_k`` and ~250 ms for a
 sort (``python benchmarks/topk.py``).
+
+All arrays of a selection are laid out as one ``[rows, 128]`` key array, each
+array's rows tagged with its *segment*; one bisection finds every segment's k-th key
+at once (counts per row, summed per segment). A mask update of every layer is then
+two selections whatever the number of layers, so its compiled code does not grow
+with the model's depth.
 """
 
 from __future__ import annotations
