@@ -39,28 +39,28 @@ def sortable_key(scores: jax.Array) -> jax.Array:
 
 
 def _layout(scores: list[jax.Array], eligible: list[jax.Array | None], segments: list[int]
-            ) -> tuple[jax.Array, jax.Array, jax.Array, list[int]]:
+            ) -> tuple[jax.Array, jax.Array, list[int]]:
   """All arrays as one ``[rows, _COLUMNS]`` layout, ordered by segment then position.
 
   Returns:
-    ``(key, ok, row_segment, order)``: order-preserving keys (0 where not eligible or
-    padding), eligibility, the segment of every row, and the array order used.
+    ``(key, row_segment, order)``: order-preserving keys, 0 exactly where not
+    eligible or padding (a non-NaN score's key is never 0), the segment of every row,
+    and the array order used.
   """
   order = sorted(range(len(scores)), key=lambda i: (segments[i], i))
-  keys, oks, row_segments = [], [], []
+  keys, row_segments = [], []
   for i in order:
     n = scores[i].size
     rows = max(-(-n // _COLUMNS), 1)
     ok = jnp.ones((n,), bool) if eligible[i] is None else eligible[i].reshape(-1)
     key = jnp.where(ok, sortable_key(scores[i].reshape(-1)), jnp.uint32(0))
-    padding = rows * _COLUMNS - n  # padded entries: key 0 and not eligible, never chosen
+    padding = rows * _COLUMNS - n  # padded entries: key 0, never chosen
     keys.append(jnp.pad(key, (0, padding)).reshape(rows, _COLUMNS))
-    oks.append(jnp.pad(ok, (0, padding)).reshape(rows, _COLUMNS))
     row_segments.append(jnp.full((rows,), segments[i], jnp.int32))
   if sum(len(r) for r in row_segments) > 2**24:
     raise ValueError("top_k_masks supports up to 2**31 entries in all, got "
                      f"{sum(s.size for s in scores)}")
-  return (jnp.concatenate(keys), jnp.concatenate(oks), jnp.concatenate(row_segments), order)
+  return jnp.concatenate(keys), jnp.concatenate(row_segments), order
 
 
 def _per_segment(flags: jax.Array, row_segment: jax.Array, count: int) -> jax.Array:
@@ -105,9 +105,9 @@ def top_k_masks(scores: list[jax.Array], k: jax.Array | int,
   eligible = eligible or [None] * len(scores)
   segments = [0] * len(scores) if segments is None else list(segments)
   count = max(segments) + 1
-  key, ok, row_segment, order = _layout(scores, eligible, segments)
+  key, row_segment, order = _layout(scores, eligible, segments)
   k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (count,))
-  k = jnp.minimum(k, _per_segment(ok, row_segment, count))
+  k = jnp.minimum(k, _per_segment(key != 0, row_segment, count))
 
   def add_bit(bit, threshold):
     candidate = threshold | (jnp.uint32(1) << jnp.asarray(31 - bit, jnp.uint32))
@@ -118,7 +118,7 @@ def top_k_masks(scores: list[jax.Array], k: jax.Array | int,
   # Per segment, the largest threshold with at least k eligible keys at or above it.
   kth = jax.lax.fori_loop(0, 32, add_bit, jnp.zeros((count,), jnp.uint32))[row_segment][:, None]
   room = k - _per_segment(key > kth, row_segment, count)
-  tied = ok & (key == kth)
+  tied = (key != 0) & (key == kth)
   # Ties at the k-th key are rare for continuous scores: break them only when needed.
   chosen = jax.lax.cond(jnp.any(_per_segment(tied, row_segment, count) > room),
                         lambda t, r: _first_in_order(t, r, row_segment, count),
