@@ -57,9 +57,12 @@ def _layout(scores: list[jax.Array], eligible: list[jax.Array | None], segments:
     padding = rows * _COLUMNS - n  # padded entries: key 0, never chosen
     keys.append(jnp.pad(key, (0, padding)).reshape(rows, _COLUMNS))
     row_segments.append(jnp.full((rows,), segments[i], jnp.int32))
-  if sum(len(r) for r in row_segments) > 2**24:
-    raise ValueError("top_k_masks supports up to 2**31 entries in all, got "
-                     f"{sum(s.size for s in scores)}")
+  sizes: dict[int, int] = {}
+  for i in order:
+    sizes[segments[i]] = sizes.get(segments[i], 0) + scores[i].size
+  if max(sizes.values()) >= 2**31 - len(scores) * _COLUMNS:  # int32 counts, with padding
+    raise ValueError(f"top_k_masks supports under 2**31 entries per segment, got "
+                     f"{max(sizes.values())}")
   return jnp.concatenate(keys), jnp.concatenate(row_segments), order
 
 

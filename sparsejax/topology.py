@@ -46,7 +46,7 @@ def random_init(sparsity: float, distribution: str | Mapping[str, float],
 
 
 def swap_count(fraction: jax.Array, nnz: jax.Array) -> jax.Array:
-  """``int(fraction · nnz)``, truncated as in google-research/rigl, as an int32 scalar."""
+  """``int(fraction · nnz)``, truncated as in google-research/rigl (int32, elementwise)."""
   return (nnz.astype(jnp.float32) * fraction).astype(jnp.int32)
 
 

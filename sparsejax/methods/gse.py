@@ -55,7 +55,7 @@ from sparsejax.sampling import (
   sample_pairs,
 )
 from sparsejax.scores import ScoreInputs
-from sparsejax.selection import top_k_mask, top_k_masks
+from sparsejax.selection import top_k_each, top_k_masks
 from sparsejax.topology import random_init, swap_count
 from sparsejax.wrapper import Topology, sparse_wrapper
 
@@ -246,10 +246,11 @@ def gse(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
     nnz = [a.sum(dtype=jnp.int32) for a in active]
     rate = growth(inputs.step)
     if scope == "layer":
-      grown = [_scatter(top_k_mask(c.scores, swap_count(rate, n), eligible=c.eligible), c.flat,
-                        a.size) for c, a, n in zip(found, active, nnz)]
-      kept = [top_k_mask(w, n - g.sum(dtype=jnp.int32), eligible=a)
-              for w, a, n, g in zip(weights, active, nnz, grown)]
+      picks = top_k_each([c.scores for c in found], swap_count(rate, jnp.stack(nnz)),
+                         [c.eligible for c in found])
+      grown = [_scatter(p, c.flat, a.size) for p, c, a in zip(picks, found, active)]
+      kept = top_k_each(weights, jnp.stack([n - g.sum(dtype=jnp.int32)
+                                            for n, g in zip(nnz, grown)]), active)
     else:
       total = sum(nnz)
       picks = top_k_masks([c.scores for c in found], swap_count(rate, total),
