@@ -74,13 +74,18 @@ SIZES = (130, 7, 300)  # fixed shapes: one compilation; 300 spans three counting
 across = jax.jit(top_k_masks)
 
 
+def _tied_arrays(data) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Scores of SIZES drawn from a few values (many ties), and eligibility flags."""
+  values = st.sampled_from([-1.0, 0.0, 0.5, 1.0, 3.0])
+  arrays = [data.draw(hnp.arrays(np.float32, n, elements=values)) for n in SIZES]
+  return arrays, [data.draw(hnp.arrays(np.bool_, n)) for n in SIZES]
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_selection_across_arrays_equals_selection_of_their_concatenation(data):
   """top_k_masks = top_k_mask of the concatenation, ties included (earlier array first)."""
-  values = st.sampled_from([-1.0, 0.0, 0.5, 1.0, 3.0])
-  arrays = [data.draw(hnp.arrays(np.float32, n, elements=values)) for n in SIZES]
-  eligible = [data.draw(hnp.arrays(np.bool_, n)) for n in SIZES]
+  arrays, eligible = _tied_arrays(data)
   k = data.draw(st.integers(0, sum(SIZES)))
   together = np.asarray(jitted(jnp.asarray(np.concatenate(arrays)), k,
                                jnp.asarray(np.concatenate(eligible))))
@@ -96,9 +101,7 @@ by_segment = jax.jit(top_k_masks, static_argnames="segments")
 @given(st.data())
 def test_one_selection_per_array_equals_separate_selections(data):
   """top_k_each = top_k_mask of every array on its own, ties included."""
-  values = st.sampled_from([-1.0, 0.0, 0.5, 1.0, 3.0])
-  arrays = [data.draw(hnp.arrays(np.float32, n, elements=values)) for n in SIZES]
-  eligible = [data.draw(hnp.arrays(np.bool_, n)) for n in SIZES]
+  arrays, eligible = _tied_arrays(data)
   ks = [data.draw(st.integers(0, n)) for n in SIZES]
   together = each([jnp.asarray(a) for a in arrays], jnp.asarray(ks),
                   [jnp.asarray(e) for e in eligible])
