@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax import batching, distributions
+from sparsejax import distributions
 
 DensePredicate = Callable[[str, Any], bool]
 
@@ -205,23 +205,25 @@ def random_masks(key: jax.Array, params: Any, nnz: Any) -> Any:
   """
   counts, treedef = jax.tree.flatten(nnz, is_leaf=is_unmasked)
   leaves = treedef.flatten_up_to(params)
-  keys = list(jax.random.split(key, len(leaves)))
+  keys = jax.random.split(key, len(leaves))
   # The first n entries of a random permutation: exact counts, and a sort compiles
   # far faster than a traced-k selection (initialisation has static counts). Leaves
-  # of one shape share one vmapped permutation (the same values as one per leaf).
-  shapes = [None if n is None else jax.ShapeDtypeStruct(jnp.shape(p), bool)
-            for p, n in zip(leaves, counts)]
+  # of one shape share one vmapped permutation, so the compiled init grows with the
+  # number of distinct shapes, not of leaves (vmap gives the same values as one
+  # permutation per leaf).
+  by_shape: dict[tuple[int, ...], list[int]] = {}
+  for i, (leaf, n) in enumerate(zip(leaves, counts)):
+    if n is not None:
+      by_shape.setdefault(tuple(jnp.shape(leaf)), []).append(i)
   out: list[jax.Array | None] = [None] * len(leaves)
-  for group in batching.shape_groups(shapes):
-    shape = shapes[group[0]].shape
-
+  for shape, group in by_shape.items():
     def leaf_mask(leaf_key, count, shape=shape):
       return (jax.random.permutation(leaf_key, math.prod(shape)) < count).reshape(shape)
 
-    masks_of_group = batching.map_stacked(leaf_mask, [group], keys,
-                                          [None if n is None else jnp.int32(n) for n in counts])
-    for i in group:
-      out[i] = masks_of_group[i]
+    group_masks = jax.vmap(leaf_mask)(keys[jnp.asarray(group)],
+                                      jnp.asarray([counts[i] for i in group], jnp.int32))
+    for position, i in enumerate(group):
+      out[i] = group_masks[position]
   return jax.tree.unflatten(treedef, out)
 
 

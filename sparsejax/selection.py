@@ -39,19 +39,21 @@ def sortable_key(scores: jax.Array) -> jax.Array:
 
 
 def _layout(scores: list[jax.Array], eligible: list[jax.Array | None], segments: list[int]
-            ) -> tuple[jax.Array, jax.Array, list[int]]:
+            ) -> tuple[jax.Array, jax.Array, dict[int, int]]:
   """All arrays as one ``[rows, _COLUMNS]`` layout, ordered by segment then position.
 
   Returns:
-    ``(key, row_segment, order)``: order-preserving keys, 0 exactly where not
+    ``(key, row_segment, starts)``: order-preserving keys, 0 exactly where not
     eligible or padding (a non-NaN score's key is never 0), the segment of every row,
-    and the array order used.
+    and where each array's entries start in the flattened layout.
   """
   order = sorted(range(len(scores)), key=lambda i: (segments[i], i))
-  keys, row_segments = [], []
+  keys, row_segments, starts = [], [], {}
+  start = 0
   for i in order:
     n = scores[i].size
     rows = max(-(-n // _COLUMNS), 1)
+    starts[i], start = start, start + rows * _COLUMNS
     ok = jnp.ones((n,), bool) if eligible[i] is None else eligible[i].reshape(-1)
     key = jnp.where(ok, sortable_key(scores[i].reshape(-1)), jnp.uint32(0))
     padding = rows * _COLUMNS - n  # padded entries: key 0, never chosen
@@ -63,7 +65,7 @@ def _layout(scores: list[jax.Array], eligible: list[jax.Array | None], segments:
   if max(sizes.values()) >= 2**31 - len(scores) * _COLUMNS:  # int32 counts, with padding
     raise ValueError(f"top_k_masks supports under 2**31 entries per segment, got "
                      f"{max(sizes.values())}")
-  return jnp.concatenate(keys), jnp.concatenate(row_segments), order
+  return jnp.concatenate(keys), jnp.concatenate(row_segments), starts
 
 
 def _per_segment(flags: jax.Array, row_segment: jax.Array, count: int) -> jax.Array:
@@ -108,7 +110,7 @@ def top_k_masks(scores: list[jax.Array], k: jax.Array | int,
   eligible = eligible or [None] * len(scores)
   segments = [0] * len(scores) if segments is None else list(segments)
   count = max(segments) + 1
-  key, row_segment, order = _layout(scores, eligible, segments)
+  key, row_segment, starts = _layout(scores, eligible, segments)
   k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (count,))
   k = jnp.minimum(k, _per_segment(key != 0, row_segment, count))
 
@@ -127,13 +129,7 @@ def top_k_masks(scores: list[jax.Array], k: jax.Array | int,
                         lambda t, r: _first_in_order(t, r, row_segment, count),
                         lambda t, r: t, tied, jnp.maximum(room, 0))
   chosen = ((key > kth) | chosen).reshape(-1)
-  out: list[jax.Array | None] = [None] * len(scores)
-  start = 0
-  for i in order:
-    n = scores[i].size
-    out[i] = chosen[start:start + n].reshape(scores[i].shape)
-    start += max(-(-n // _COLUMNS), 1) * _COLUMNS
-  return out
+  return [chosen[starts[i]:starts[i] + s.size].reshape(s.shape) for i, s in enumerate(scores)]
 
 
 def top_k_each(scores: list[jax.Array], k: jax.Array | list[int],

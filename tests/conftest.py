@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.extend.core
 import numpy as np
 import optax
 import pytest
@@ -112,3 +113,10 @@ def pytest_configure(config):
   jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def loop_count(jaxpr) -> int:
+  """Number of loops (while, scan) in a jaxpr, nested ones included."""
+  return sum((eqn.primitive.name in ("while", "scan"))
+             + sum(loop_count(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+             for eqn in jaxpr.eqns)

@@ -3,6 +3,7 @@
 import chex
 from conftest import (
   assert_exactly_sparse,
+  loop_count,
   make_batch,
   make_step,
   mask_leaves,
@@ -11,7 +12,6 @@ from conftest import (
   run,
 )
 import jax
-import jax.extend.core
 import numpy as np
 import optax
 import pytest
@@ -345,13 +345,6 @@ def test_coverage_grows_with_exploration_and_is_per_layer(mlp):
     sj.coverage(optax.sgd(0.1).init(params))
 
 
-def _loops(jaxpr) -> int:
-  """Number of loops (while, scan) in a jaxpr, nested ones included."""
-  return sum((eqn.primitive.name in ("while", "scan"))
-             + sum(_loops(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
-             for eqn in jaxpr.eqns)
-
-
 @pytest.mark.parametrize("method", ["rigl", "set", "dst_ee", "gmp"])
 def test_the_compiled_update_does_not_grow_with_the_number_of_layers(method):
   """One selection serves every layer: 3 or 12 layers of assorted shapes, the same loops."""
@@ -365,7 +358,7 @@ def test_the_compiled_update_does_not_grow_with_the_number_of_layers(method):
       tx = factory(optax.sgd(0.1), sparsity=0.5, distribution="uniform", update_every=1,
                    end_step=10)
     state = tx.init(params)
-    return _loops(jax.make_jaxpr(tx.update)(params, state, params).jaxpr)
+    return loop_count(jax.make_jaxpr(tx.update)(params, state, params).jaxpr)
 
   assert loops(3) == loops(12)
 

@@ -1,10 +1,10 @@
 """Exact top-k selection with a traced k."""
 
+from conftest import loop_count
 from hypothesis import given, settings
 from hypothesis import strategies as st
 import hypothesis.extra.numpy as hnp
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -124,20 +124,10 @@ def test_segments_of_several_arrays_select_as_their_concatenations(data):
   np.testing.assert_array_equal(np.concatenate([out[0], out[2]]), joint)
 
 
-def _while_loops(jaxpr) -> int:
-  """Number of loops (while, scan) in a jaxpr, nested ones included."""
-  count = 0
-  for eqn in jaxpr.eqns:
-    count += eqn.primitive.name in ("while", "scan")
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      count += _while_loops(sub)
-  return count
-
-
 def test_the_selection_code_does_not_grow_with_the_number_of_arrays():
   """Two or twenty arrays of different shapes: the same loops."""
   def loops(n):
     scores = [jnp.ones((i + 1, 3)) for i in range(n)]
-    return _while_loops(jax.make_jaxpr(top_k_each)(scores, jnp.ones(n, jnp.int32)).jaxpr)
+    return loop_count(jax.make_jaxpr(top_k_each)(scores, jnp.ones(n, jnp.int32)).jaxpr)
 
   assert loops(2) == loops(20) > 0
