@@ -23,6 +23,9 @@ Non-update and mask-update steps are timed separately by building each method tw
   falls in the timed window (GMP also prunes at step 1; that step is part of the
   warm-up). The step still carries the wrapper's ``lax.cond``, masking and
   ``where``s, which is the overhead paid on the ~99 % of steps that do not rewire.
+- **host-scheduled non-update step**: the same, with ``mask_update=False`` passed to
+  ``tx.update`` (what a loop that knows its step passes where ``tx.is_update_step``
+  is False, as the runner does): the compiled step holds no mask-update code.
 - **update step**: ``update_every=1, end_step=10**9``, so every step is a mask
   update (drop/grow or prune selection, inner-state reset). For SET, RigL and
   DST-EE (here with RigL's drop fraction 0.3, its acquisition score at c = 1e-2) and
@@ -129,21 +132,22 @@ def make_tx(method: str, update_every: int | None, sparsity: float
   raise ValueError(f"unknown method {method!r}; expected 'dense' or one of {METHODS}")
 
 
-def make_step(model: nn.Module, tx: optax.GradientTransformation, statistics: str | None = None
-              ) -> Callable[..., Any]:
+def make_step(model: nn.Module, tx: optax.GradientTransformation, statistics: str | None = None,
+              mask_update: bool | None = None) -> Callable[..., Any]:
   """A jitted train step ``(params, opt_state, x, y) -> (params, opt_state, loss)``.
 
   Params and optimizer state are donated. With ``statistics`` (GSE's GraBo), the step
   computes the layers' statistics (:func:`sparsejax.value_grad_and_statistics`) and
   passes them to ``tx.update``, as at a mask update; "none" passes
-  ``layer_statistics=None``, as on the other steps.
+  ``layer_statistics=None``, as on the other steps. ``mask_update`` is passed to
+  ``tx.update`` unless it is None.
   """
   def loss_fn(params, x, y):
     logits = model.apply({"params": params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   def step(params, opt_state, x, y):
-    extra_args = {}
+    extra_args = {} if mask_update is None else {"mask_update": mask_update}
     if statistics in (None, "none"):
       loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
       if statistics == "none":
@@ -161,9 +165,10 @@ class Variant:
   """One timed configuration: a compiled step and the state it carries between calls."""
 
   def __init__(self, name: str, kind: str, model: nn.Module, tx: optax.GradientTransformation,
-               params: Any, x: jax.Array, y: jax.Array, statistics: str | None = None):
+               params: Any, x: jax.Array, y: jax.Array, statistics: str | None = None,
+               mask_update: bool | None = None):
     self.name, self.kind = name, kind
-    self.step = make_step(model, tx, statistics)
+    self.step = make_step(model, tx, statistics, mask_update)
     # Own copies: the step donates its arguments.
     self.params = jax.tree.map(jnp.copy, params)
     self.opt_state = tx.init(self.params)
@@ -192,7 +197,8 @@ def bench_model(model_key: str, methods: Sequence[str], repeats: int, calls: int
   Returns:
     ``{(method, kind): {"ratio": median per-round ratio to dense, "ms": median ms,
     "faults": minor page faults per timed step}}`` with kind "train" (non-update
-    step) or "update"; dense is ``("dense", "train")``.
+    step), "scheduled" (non-update step with ``mask_update=False``) or "update";
+    dense is ``("dense", "train")``.
   """
   _, features = MODELS[model_key]
   model = MLP(features)
@@ -207,6 +213,8 @@ def bench_model(model_key: str, methods: Sequence[str], repeats: int, calls: int
     variants.append(Variant(method, "train", model, make_tx(method, NEVER, sparsity),
                             params, x, y, "none" if guided else None))
     if method not in NO_UPDATE_STEP:
+      variants.append(Variant(method, "scheduled", model, make_tx(method, NEVER, sparsity),
+                              params, x, y, "none" if guided else None, mask_update=False))
       variants.append(Variant(method, "update", model, make_tx(method, 1, sparsity),
                               params, x, y, "grabo" if guided else None))
   for v in variants:  # compile, and run GMP's step-1 pruning outside the timed window
@@ -270,30 +278,32 @@ def main(argv: Sequence[str] | None = None) -> None:
              for m in models}
 
   print()
-  print("| model | method | non-update step / dense (goal ≤ 1.05) "
-        "| update step / dense (goal ≤ 3) |")
+  print("| model | method | non-update step / dense (goal ≤ 1.03; DST ≤ 1.25) "
+        "| the same, `mask_update=False` | update step / dense (goal ≤ 2) |")
   # DST has no separate update step: its whole per-step cost is the first column.
-  print("|---|---|---|---|")
+  print("|---|---|---|---|---|")
   for m in models:
     res = results[m]
     name = MODELS[m][0]
-    print(f"| {name} | dense | 1.00 ({res[('dense', 'train')]['ms']:.2f} ms) | — |")
+    print(f"| {name} | dense | 1.00 ({res[('dense', 'train')]['ms']:.2f} ms) | — | — |")
     for method in methods:
-      print(f"| {name} | {method} | {_cell(res[(method, 'train')], 1.05)} "
-            f"| {_cell(res.get((method, 'update')), 3.0)} |")
+      goal = 1.25 if method == "dst" else 1.03
+      print(f"| {name} | {method} | {_cell(res[(method, 'train')], goal)} "
+            f"| {_cell(res.get((method, 'scheduled')), 1.03)} "
+            f"| {_cell(res.get((method, 'update')), 2.0)} |")
   print()
   print("Cells: median over rounds of (variant median ms / dense median ms) in the same round; "
         "in parentheses the variant's median step time.")
   print()
-  print("| model | method | minor page faults / non-update step | minor page faults / update step |")
-  print("|---|---|---|---|")
+  print("| model | method | minor page faults / non-update step | the same, "
+        "`mask_update=False` | minor page faults / update step |")
+  print("|---|---|---|---|---|")
   for m in models:
     res = results[m]
     for method in ["dense", *methods]:
-      update = res.get((method, "update"))
-      update_faults = "—" if update is None else f"{update['faults']:.0f}"
-      print(f"| {MODELS[m][0]} | {method} | {res[(method, 'train')]['faults']:.0f} "
-            f"| {update_faults} |")
+      cells = [res.get((method, kind)) for kind in ("train", "scheduled", "update")]
+      cells = ["—" if cell is None else f"{cell['faults']:.0f}" for cell in cells]
+      print(f"| {MODELS[m][0]} | {method} | {' | '.join(cells)} |")
   print()
   print(f"total wall time {time.perf_counter() - start:.0f} s")
 

@@ -22,7 +22,7 @@ from sparsejax.sampling import LayerStatistics
 from sparsejax.scores import ScoreInputs
 from sparsejax.statistics import value_grad_and_statistics
 from sparsejax.topology import drop_and_grow, random_init
-from sparsejax.wrapper import SparseState, Topology, sparse_wrapper
+from sparsejax.wrapper import SparseState, SparseTransformation, Topology, sparse_wrapper
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "METHODS",
     "ScoreInputs",
     "SparseState",
+    "SparseTransformation",
     "Topology",
     "coverage",
     "drop_and_grow",

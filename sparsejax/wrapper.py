@@ -22,6 +22,12 @@ a method's name: ``masks_changed``, ``dense_gradient`` (whether the step read th
 dense weight gradient: a RigL update step, never SET) and ``ever_active`` (the weights
 active at some step so far; None when masks never change). Read them with
 ``optax.tree_utils.tree_get(state, "dense_gradient")``, or :func:`sparsejax.coverage`.
+
+Every method returns a :class:`SparseTransformation`: an optax transformation that
+also answers on the host which steps may change masks (``tx.is_update_step``). A loop
+that knows its step on the host can pass ``mask_update=tx.is_update_step(step)`` to
+``tx.update`` as a Python bool (a static argument of its jitted step): a step compiled
+with False holds no mask-update code at all and costs what a static sparse step costs.
 """
 
 from __future__ import annotations
@@ -36,6 +42,40 @@ import optax
 from sparsejax.masks import is_unmasked, map_masked
 from sparsejax.optstate import reset_entries
 from sparsejax.scores import ScoreInputs
+
+
+def never(step: int) -> bool:
+  """The schedule of a method without mask-update steps: always False."""
+  del step
+  return False
+
+
+class SparseTransformation(optax.GradientTransformationExtraArgs):
+  """An optax transformation that also says, on the host, which steps update masks.
+
+  ``tx.is_update_step(step)`` is whether optimizer step ``step`` may change masks by
+  the method's schedule, counting steps from 1 (the update taking a state with
+  ``state.step == n`` is step ``n + 1``). Its ``update`` takes an optional extra
+  argument ``mask_update``: None (the default) or True compiles the schedule's check
+  into the step; False, given where ``is_update_step`` is False, compiles a step
+  without any mask-update code. False at a step the schedule updates skips that
+  update, so take it from ``is_update_step``.
+  """
+
+  is_update_step: Callable[[int], bool]
+
+  def __new__(cls, init: Callable[..., Any], update: Callable[..., Any],
+              is_update_step: Callable[[int], bool] = never) -> SparseTransformation:
+    tx = super().__new__(cls, init, update)
+    tx.is_update_step = is_update_step
+    return tx
+
+
+def check_mask_update(mask_update: Any) -> None:
+  """Raises TypeError unless ``mask_update`` is None or a Python bool."""
+  if mask_update is not None and not isinstance(mask_update, bool):
+    raise TypeError("mask_update must be None or a Python bool known when the step is traced "
+                    f"(a static argument), got {type(mask_update).__name__}")
 
 
 class SparseState(NamedTuple):
@@ -112,7 +152,7 @@ def require_params(params: Any) -> None:
 
 
 def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
-                   seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                   seed: int = 0) -> SparseTransformation:
   """Wraps ``inner`` so that the params follow the masks of ``topology``.
 
   Must be the outermost transformation. ``update`` requires ``params``.
@@ -123,7 +163,7 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
     seed: seed of the PRNG key carried in the state.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a :class:`SparseState`.
+    A :class:`SparseTransformation` with a :class:`SparseState`.
 
   Examples:
     A method that halves its active weights once, at step 2, by magnitude:
@@ -159,17 +199,21 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
                        masks_changed=jnp.zeros((), bool), dense_gradient=jnp.zeros((), bool),
                        ever_active=jax.tree.map(jnp.copy, masks) if dynamic else None)
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, mask_update=None, **extra_args):
     require_params(params)
+    check_mask_update(mask_update)
     step = optax.safe_increment(state.step)
 
     def train(masks, inner_state):
       return inner.update(apply_masks(updates, masks), inner_state, params, **extra_args)
 
-    if topology.update_masks is None:
+    if topology.update_masks is None or mask_update is False:
+      # No mask-update code: the step of a static sparse method.
       inner_updates, inner_state = train(state.masks, state.inner_state)
+      no = jnp.zeros((), bool)
       return (_masked_updates(inner_updates, state.masks, params),
-              state._replace(step=step, inner_state=inner_state))
+              state._replace(step=step, inner_state=inner_state, masks_changed=no,
+                             dense_gradient=no))
 
     def rewire(key, extra, inner_state):
       """New masks; grown weights get the inner optimizer's initial state."""
@@ -210,5 +254,8 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
             SparseState(step, key, masks, inner_state, extra, nonfinite, changed,
                         is_update & topology.reads_dense_gradient, ever))
 
+  def is_update_step(step: int) -> bool:
+    return topology.is_update_step is not None and bool(topology.is_update_step(step))
+
   # Jitted: an eager init dispatches (and compiles) dozens of small ops per leaf.
-  return optax.GradientTransformationExtraArgs(jax.jit(init_fn), update_fn)
+  return SparseTransformation(jax.jit(init_fn), update_fn, is_update_step)

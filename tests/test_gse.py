@@ -355,8 +355,8 @@ def test_the_runner_computes_statistics_at_update_steps_only(mnist_dir, monkeypa
   calls = []
   make = loop.make_train_step
 
-  def counting(experiment, with_statistics=False):
-    step = make(experiment, with_statistics)
+  def counting(experiment, with_statistics=False, mask_update=None):
+    step = make(experiment, with_statistics, mask_update)
 
     def counted(state, batch):
       calls.append(with_statistics)

@@ -286,3 +286,78 @@ def test_multisteps_outside_counts_real_updates(mlp):
       chex.assert_trees_all_equal(sj.masks(state), initial)
   assert int(optax.tree_utils.tree_get(state, "step")) == 4
   assert not np.array_equal(sj.masks(state)["Dense_0"]["kernel"], initial["Dense_0"]["kernel"])
+
+
+def _host_scheduled_step(tx, loss):
+  """``make_step`` with ``mask_update`` a static argument, as a loop that knows its step."""
+
+  def step(params, state, batch, mask_update):
+    grads = jax.grad(loss)(params, batch)
+    updates, state = tx.update(grads, state, params, mask_update=mask_update)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, static_argnames="mask_update")
+
+
+@pytest.mark.parametrize("method", ["static", "set", "rigl", "dst_ee", "gmp", "gse", "dst"])
+def test_steps_scheduled_on_the_host_equal_the_checked_step(mlp, method):
+  """``mask_update=tx.is_update_step(t)`` (two compiled steps) gives the masks of the
+  step that checks the schedule itself, changing at the schedule's steps, and its params
+  and state to float rounding (two programs, fused differently)."""
+  params, loss = mlp
+  kw = dict(sparsity=0.8, update_every=3, start_step=1, end_step=13)
+  tx = {"static": lambda: sj.static_sparse(optax.adam(1e-2), sparsity=0.8),
+        "set": lambda: sj.set(optax.adam(1e-2), **kw),
+        "rigl": lambda: sj.rigl(optax.adam(1e-2), **kw),
+        "dst_ee": lambda: sj.dst_ee(optax.adam(1e-2), c=0.1, **kw),
+        "gmp": lambda: sj.gmp(optax.adam(1e-2), **kw),
+        "gse": lambda: sj.gse(optax.adam(1e-2), growth_fraction=0.3, **kw),
+        "dst": lambda: sj.dst(optax.adam(1e-2), alpha=1.0)}[method]()
+  assert isinstance(tx, sj.SparseTransformation)
+  checked, scheduled = make_step(tx, loss), _host_scheduled_step(tx, loss)
+  state = hosted_state = tx.init(params)
+  hosted_params, changed_at = params, []
+  for t in range(1, 12):
+    params, state, _ = checked(params, state, make_batch(t))
+    hosted_params, hosted_state = scheduled(hosted_params, hosted_state, make_batch(t),
+                                            mask_update=tx.is_update_step(t))
+    chex.assert_trees_all_equal(sj.masks(hosted_state), sj.masks(state))
+    chex.assert_trees_all_close((hosted_params, hosted_state), (params, state), atol=1e-6)
+    if bool(optax.tree_utils.tree_get(state, "masks_changed")) and method != "dst":
+      changed_at.append(t)
+  expected = [] if method in ("static", "dst") else [4, 7, 10]
+  # GMP's schedule also has its start step, where the dense start leaves nothing to prune.
+  scheduled = [1] + expected if method == "gmp" else expected
+  assert [t for t in range(1, 12) if tx.is_update_step(t)] == scheduled
+  assert changed_at == expected
+
+
+def test_a_step_without_mask_updates_compiles_no_mask_update_code(mlp):
+  """``mask_update=False`` traces RigL's step to a static sparse step: no cond, no loop."""
+  params, loss = mlp
+
+  def primitives(jaxpr):
+    return [eqn.primitive.name for eqn in jaxpr.eqns] + [
+        name for eqn in jaxpr.eqns for sub in jax.extend.core.jaxprs_in_params(eqn.params)
+        for name in primitives(sub)]
+
+  grads = jax.grad(loss)(params)
+  rigl = sj.rigl(optax.adam(1e-2), sparsity=0.8, update_every=3, end_step=10)
+  static = sj.static_sparse(optax.adam(1e-2), sparsity=0.8)
+  plain = jax.make_jaxpr(lambda g, s, p: rigl.update(g, s, p, mask_update=False))(
+      grads, rigl.init(params), params).jaxpr
+  checked = jax.make_jaxpr(rigl.update)(grads, rigl.init(params), params).jaxpr
+  reference = jax.make_jaxpr(static.update)(grads, static.init(params), params).jaxpr
+  assert "cond" in primitives(checked)
+  assert not {"cond", "while", "scan", "sort"} & set(primitives(plain))
+  assert sorted(primitives(plain)) == sorted(primitives(reference))
+
+
+def test_mask_update_must_be_known_when_tracing(mlp):
+  params, loss = mlp
+  tx = sj.rigl(optax.adam(1e-2), sparsity=0.8, update_every=3, end_step=10)
+  grads, state = jax.grad(loss)(params), tx.init(params)
+  with pytest.raises(TypeError, match="mask_update must be None or a Python bool"):
+    jax.jit(lambda flag: tx.update(grads, state, params, mask_update=flag))(True)
+  with pytest.raises(TypeError, match="got int"):
+    tx.update(grads, state, params, mask_update=1)

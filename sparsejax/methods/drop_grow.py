@@ -10,7 +10,7 @@ import optax
 from sparsejax import distributions, schedules, scores
 from sparsejax.masks import DensePredicate
 from sparsejax.topology import drop_and_grow, random_init
-from sparsejax.wrapper import Topology, no_extra, sparse_wrapper
+from sparsejax.wrapper import SparseTransformation, Topology, no_extra, sparse_wrapper
 
 
 def drop_grow_method(inner: optax.GradientTransformation, grow_score: scores.ScoreFn, *,
@@ -21,7 +21,7 @@ def drop_grow_method(inner: optax.GradientTransformation, grow_score: scores.Sco
                      reads_dense_gradient: bool = False,
                      init_extra: Callable[[Any, Any], Any] = no_extra,
                      update_extra: Callable[[scores.ScoreInputs], Any] | None = None
-                     ) -> optax.GradientTransformationExtraArgs:
+                     ) -> SparseTransformation:
   """A RigL-family method: magnitude drop, the given grow score, cosine drop fraction.
 
   Args:

@@ -34,7 +34,13 @@ from sparsejax.masks import (
   path_name,
   unbox,
 )
-from sparsejax.wrapper import all_finite, any_leaf, require_params
+from sparsejax.wrapper import (
+  SparseTransformation,
+  all_finite,
+  any_leaf,
+  check_mask_update,
+  require_params,
+)
 
 
 class DSTState(NamedTuple):
@@ -124,7 +130,7 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
         dense: DensePredicate = keep_non_kernels_dense,
         threshold_optimizer: optax.GradientTransformation | None = None,
         output_axes: Callable[[str, Any], int] = flax_output_axes
-        ) -> optax.GradientTransformationExtraArgs:
+        ) -> SparseTransformation:
   """Dynamic Sparse Training with trainable masked layers.
 
   Thresholds start at 0, so the model starts dense; the regulariser
@@ -194,8 +200,10 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
                     masks_changed=jnp.zeros((), bool), dense_gradient=jnp.zeros((), bool),
                     ever_active=jax.tree.map(jnp.copy, masks))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, mask_update=None, **extra_args):
+    # Masks follow the thresholds at every step: there is no mask-update code to leave out.
     require_params(params)
+    check_mask_update(mask_update)
     weights = _params_shaped(state.weights, params)
     grad_w = jax.tree.map(
         lambda t, g, w, m: g if t is None else weight_grad(g.astype(w.dtype), w, t, m),
@@ -242,7 +250,7 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
     return jnp.where(density <= recovery_density, jnp.zeros_like(t), t)
 
   # Jitted: an eager init dispatches (and compiles) dozens of small ops per leaf.
-  return optax.GradientTransformationExtraArgs(jax.jit(init_fn), update_fn)
+  return SparseTransformation(jax.jit(init_fn), update_fn)
 
 
 def thresholds(opt_state: optax.OptState) -> Any:

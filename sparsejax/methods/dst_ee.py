@@ -31,6 +31,7 @@ import optax
 from sparsejax import scores
 from sparsejax.masks import DensePredicate, keep_non_kernels_dense, map_masked
 from sparsejax.methods.drop_grow import drop_grow_method
+from sparsejax.wrapper import SparseTransformation
 
 
 class ActivityCounts(NamedTuple):
@@ -59,7 +60,7 @@ def dst_ee(inner: optax.GradientTransformation, *, sparsity: float, end_step: in
            update_every: int = 100, start_step: int = 0,
            drop_fraction: float | optax.Schedule = 0.5,
            dense: DensePredicate = keep_non_kernels_dense, seed: int = 0,
-           train_at_update: bool = False) -> optax.GradientTransformationExtraArgs:
+           train_at_update: bool = False) -> SparseTransformation:
   """RigL with growth by an exploration–exploitation acquisition score.
 
   Every ``update_every`` steps until ``end_step``, each layer drops its

@@ -18,14 +18,14 @@ from sparsejax.masks import (
 )
 from sparsejax.scores import ScoreInputs
 from sparsejax.selection import top_k_each
-from sparsejax.wrapper import Topology, sparse_wrapper
+from sparsejax.wrapper import SparseTransformation, Topology, sparse_wrapper
 
 
 def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
         initial_sparsity: float = 0.0, start_step: int = 0, update_every: int = 100,
         distribution: str | Mapping[str, float] = "uniform",
         dense: DensePredicate = keep_non_kernels_dense
-        ) -> optax.GradientTransformationExtraArgs:
+        ) -> SparseTransformation:
   """Prunes the smallest-magnitude active weights every ``update_every`` steps.
 
   Layer l's sparsity follows s_t = s_l + (s_il − s_l)(1 − (t − start)/(end − start))³,

@@ -57,7 +57,7 @@ from sparsejax.sampling import (
 from sparsejax.scores import ScoreInputs
 from sparsejax.selection import top_k_each, top_k_masks
 from sparsejax.topology import random_init, swap_count
-from sparsejax.wrapper import Topology, sparse_wrapper
+from sparsejax.wrapper import SparseTransformation, Topology, sparse_wrapper
 
 SCOPES = ("global", "layer")
 STATISTICS_ARG = "layer_statistics"  # tx.update's keyword argument for GraBo/GraEst
@@ -140,7 +140,7 @@ def gse(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
         growth_fraction: float = 0.1, update_every: int = 1000, start_step: int = 0,
         distribution: str | Mapping[str, float] = "er",
         dense: DensePredicate = keep_non_kernels_dense, seed: int = 0
-        ) -> optax.GradientTransformationExtraArgs:
+        ) -> SparseTransformation:
   """Guided stochastic exploration: grow the best of a sampled subset, prune by magnitude.
 
   Every ``update_every`` steps until ``end_step``: sample candidate connections

@@ -9,13 +9,14 @@ import optax
 from sparsejax import scores
 from sparsejax.masks import DensePredicate, keep_non_kernels_dense
 from sparsejax.methods.drop_grow import drop_grow_method
+from sparsejax.wrapper import SparseTransformation
 
 
 def rigl(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
          distribution: str | Mapping[str, float] = "erk", update_every: int = 100,
          start_step: int = 0, drop_fraction: float | optax.Schedule = 0.3,
          dense: DensePredicate = keep_non_kernels_dense, seed: int = 0,
-         train_at_update: bool = False) -> optax.GradientTransformationExtraArgs:
+         train_at_update: bool = False) -> SparseTransformation:
   """Rigged Lottery: every ``update_every`` steps, swap the weakest active weights
   for the inactive ones with the largest dense gradient.
 

@@ -9,13 +9,13 @@ import optax
 from sparsejax import distributions
 from sparsejax.masks import DensePredicate, keep_non_kernels_dense
 from sparsejax.topology import random_init
-from sparsejax.wrapper import Topology, sparse_wrapper
+from sparsejax.wrapper import SparseTransformation, Topology, sparse_wrapper
 
 
 def static_sparse(inner: optax.GradientTransformation, *, sparsity: float,
                   distribution: str | Mapping[str, float] = "erk",
                   dense: DensePredicate = keep_non_kernels_dense,
-                  seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                  seed: int = 0) -> SparseTransformation:
   """Trains with a fixed random mask.
 
   Args:

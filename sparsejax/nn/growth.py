@@ -50,7 +50,7 @@ from sparsejax.optstate import reset_entries
 from sparsejax.sampling import LayerStatistics, check_sampling, distinct, sample_pairs
 from sparsejax.selection import top_k_mask
 from sparsejax.topology import swap_count
-from sparsejax.wrapper import require_params
+from sparsejax.wrapper import SparseTransformation, check_mask_update, require_params
 
 OBSERVE = {"uniform": kernels.OBSERVE_NONE, "grabo": kernels.OBSERVE_GRABO,
            "graest": kernels.OBSERVE_GRAEST}
@@ -160,7 +160,7 @@ def rewire_layer(values: jax.Array, rows: jax.Array, cols: jax.Array, candidate_
 def always_sparse(inner: optax.GradientTransformation, *, topology: Any, end_step: int,
                   fraction: optax.Schedule, max_fraction: float, grow_by: str = "gradient",
                   sampling: str = "uniform", update_every: int = 100, start_step: int = 0,
-                  seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                  seed: int = 0) -> SparseTransformation:
   """The shared core of :func:`gse`, :func:`rigl` and :func:`set`.
 
   Args:
@@ -226,8 +226,10 @@ def always_sparse(inner: optax.GradientTransformation, *, topology: Any, end_ste
                              inner.init(params), jnp.zeros((), jnp.int32),
                              jnp.zeros((), jnp.int32))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, mask_update=None, **extra_args):
+    # The step decides in the compiled code (it also prepares the next update's candidates).
     require_params(params)
+    check_mask_update(mask_update)
     layers = find_layers(state.topology, params)
     step = optax.safe_increment(state.count)
     grads, grads_def = jax.tree.flatten(updates)
@@ -290,12 +292,12 @@ def always_sparse(inner: optax.GradientTransformation, *, topology: Any, end_ste
             AlwaysSparseState(step, key, jax.tree.unflatten(topo_def, topo), inner_state,
                               rewired, nonfinite))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return SparseTransformation(init_fn, update_fn, lambda step: bool(is_update(step)))
 
 
 def gse(inner: optax.GradientTransformation, *, topology: Any, end_step: int,
         sampling: str = "uniform", growth_fraction: float = 0.1, update_every: int = 1000,
-        start_step: int = 0, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+        start_step: int = 0, seed: int = 0) -> SparseTransformation:
   """GSE on always-sparse layers: grow the best sampled candidates, prune by magnitude.
 
   α_t = growth_fraction · (1 + cos(π (t − start_step) / (end_step − start_step))) of
@@ -328,7 +330,7 @@ def gse(inner: optax.GradientTransformation, *, topology: Any, end_step: int,
 
 def rigl(inner: optax.GradientTransformation, *, topology: Any, end_step: int,
          drop_fraction: float = 0.3, update_every: int = 100, start_step: int = 0,
-         seed: int = 0) -> optax.GradientTransformationExtraArgs:
+         seed: int = 0) -> SparseTransformation:
   """RigL on always-sparse layers: gradient growth among uniformly sampled candidates.
 
   The drop fraction decays as RigL's cosine (:func:`sparsejax.rigl`); arguments as
@@ -343,7 +345,7 @@ def rigl(inner: optax.GradientTransformation, *, topology: Any, end_step: int,
 
 def set(inner: optax.GradientTransformation, *, topology: Any, end_step: int,  # noqa: A001
         drop_fraction: float = 0.3, update_every: int = 100, start_step: int = 0,
-        seed: int = 0) -> optax.GradientTransformationExtraArgs:
+        seed: int = 0) -> SparseTransformation:
   """SET on always-sparse layers: random growth among uniformly sampled candidates.
 
   The drop fraction decays as in :func:`sparsejax.set`; arguments as :func:`gse`.

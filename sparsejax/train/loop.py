@@ -300,14 +300,22 @@ def _apply(model: nn.Module, params: Any, model_state: Any, images: jax.Array, t
   return model.apply(variables, images, train=train), model_state
 
 
-def make_train_step(experiment: Experiment, with_statistics: bool = False
-                    ) -> Callable[[TrainState, Any], TrainState]:
+def make_train_step(experiment: Experiment, with_statistics: bool = False,
+                    mask_update: bool | None = None) -> Callable[[TrainState, Any], TrainState]:
   """The jitted ``(state, batch) -> state`` of ``experiment`` (state donated).
 
-  For a method that needs per-layer statistics at its mask updates (GSE's GraBo and
-  GraEst), ``with_statistics`` computes them
-  (:func:`sparsejax.value_grad_and_statistics`, GraEst's signs from the seed and the
-  step) and passes them to ``tx.update``; without it the step passes None.
+  Args:
+    experiment: what to train.
+    with_statistics: for a method that needs per-layer statistics at its mask updates
+      (GSE's GraBo and GraEst), compute them (:func:`sparsejax.value_grad_and_statistics`,
+      GraEst's signs from the seed and the step) and pass them to ``tx.update``;
+      without it the step passes None.
+    mask_update: passed to a sparsejax ``tx.update``: False compiles a step without
+      mask-update code, for steps where ``tx.is_update_step`` is False; None lets the
+      compiled step check the schedule.
+
+  Returns:
+    The jitted step.
   """
   model, tx, sampling = experiment.model, experiment.tx, experiment.statistics
 
@@ -319,6 +327,8 @@ def make_train_step(experiment: Experiment, with_statistics: bool = False
 
   def train_step(state: TrainState, batch) -> TrainState:
     extra_args = {} if sampling is None else {"layer_statistics": None}
+    if mask_update is not None:
+      extra_args["mask_update"] = mask_update
     method_state = method_variables(experiment.method, state.opt_state)
     if with_statistics:
       key = jax.random.fold_in(jax.random.PRNGKey(experiment.config.seed), state.step)
@@ -336,6 +346,28 @@ def make_train_step(experiment: Experiment, with_statistics: bool = False
     return TrainState(state.step + 1, params, model_state, opt_state, tracker)
 
   return jax.jit(train_step, donate_argnums=0)
+
+
+def train_steps(experiment: Experiment) -> Callable[[int], Callable[[TrainState, Any], TrainState]]:
+  """The jitted train step to run as step ``step`` (from 1), compiled at its first use.
+
+  A sparsejax method's steps come in two kinds: mask-update steps (by
+  ``tx.is_update_step``), which also compute the statistics a guided method samples
+  from, and the others, compiled without any mask-update code.
+  """
+  tx = experiment.tx
+  schedule = tx.is_update_step if isinstance(tx, sparsejax.SparseTransformation) else None
+  compiled: dict[bool | None, Callable[[TrainState, Any], TrainState]] = {}
+
+  def step_for(step: int) -> Callable[[TrainState, Any], TrainState]:
+    update = None if schedule is None else schedule(step)
+    if update not in compiled:
+      compiled[update] = make_train_step(
+          experiment, with_statistics=bool(update) and experiment.statistics is not None,
+          mask_update=update)
+    return compiled[update]
+
+  return step_for
 
 
 def make_evaluate(experiment: Experiment) -> Callable[[TrainState], tuple[float, float]]:
@@ -416,19 +448,12 @@ def _train(experiment: Experiment, state: TrainState, totals: records.Totals,
   per_epoch, num_steps = experiment.steps_per_epoch, experiment.num_steps
   eval_every = cfg.every(config.eval_every, per_epoch)
   checkpoint_every = cfg.every(config.checkpoint_every, per_epoch)
-  train_step, evaluate = make_train_step(experiment), make_evaluate(experiment)
-  statistics_step, is_update = None, None
-  if experiment.statistics is not None:  # GSE's guided sampling: statistics at updates only
-    statistics_step = make_train_step(experiment, with_statistics=True)
-    sparse = config.sparse
-    is_update = sparsejax.schedules.update_steps(sparse.update_every, sparse.start_step,
-                                                 sparse.end_step)
+  train_step, evaluate = train_steps(experiment), make_evaluate(experiment)
   step, last_row = int(state.step), None
   with (contextlib.closing(experiment.pipeline.iterate(step)) as batches,
         Progress(num_steps, step, experiment.method, enabled=show_progress) as progress):
     while step < num_steps:
-      use_statistics = statistics_step is not None and bool(is_update(step + 1))
-      state = (statistics_step if use_statistics else train_step)(state, next(batches))
+      state = train_step(step + 1)(state, next(batches))
       step += 1
       is_eval = step == num_steps or step % eval_every == 0
       is_log = is_eval or step % config.log_every == 0
