@@ -68,6 +68,26 @@ def _layout(scores: list[jax.Array], eligible: list[jax.Array | None], segments:
   return jnp.concatenate(keys), jnp.concatenate(row_segments), starts
 
 
+def _stacked_layout(keys: list[jax.Array]) -> tuple[jax.Array, jax.Array, int]:
+  """Arrays ``[rows_i, n_i]`` of keys as one ``[rows, _COLUMNS]`` layout, a segment per row.
+
+  Returns:
+    ``(key, row_segment, count)``: the keys, each row's columns padded with 0 to a
+    multiple of ``_COLUMNS``, the segment of every layout row and the segment count.
+  """
+  parts, row_segments, count = [], [], 0
+  for k in keys:
+    stacked, n = k.shape
+    width = max(-(-n // _COLUMNS), 1) * _COLUMNS
+    if width >= 2**31:  # int32 counts
+      raise ValueError(f"top_k_rows supports under 2**31 entries per row, got {n}")
+    parts.append(jnp.pad(k, ((0, 0), (0, width - n))).reshape(-1, _COLUMNS))
+    row_segments.append(count + jnp.repeat(jnp.arange(stacked, dtype=jnp.int32),
+                                           width // _COLUMNS))
+    count += stacked
+  return jnp.concatenate(parts), jnp.concatenate(row_segments), count
+
+
 def _per_segment(flags: jax.Array, row_segment: jax.Array, count: int) -> jax.Array:
   """Number of True entries of ``flags [rows, _COLUMNS]`` in every segment, as int32."""
   per_row = jnp.sum(flags, axis=1, dtype=jnp.float32).astype(jnp.int32)  # exact: ≤ 128
@@ -111,6 +131,50 @@ def top_k_masks(scores: list[jax.Array], k: jax.Array | int,
   segments = [0] * len(scores) if segments is None else list(segments)
   count = max(segments) + 1
   key, row_segment, starts = _layout(scores, eligible, segments)
+  chosen = _select(key, row_segment, count, k).reshape(-1)
+  return [chosen[starts[i]:starts[i] + s.size].reshape(s.shape) for i, s in enumerate(scores)]
+
+
+def top_k_rows(keys: list[jax.Array], k: jax.Array | list[int]) -> list[jax.Array]:
+  """Marks, in every row of uint32 key arrays, its ``k`` largest non-zero keys.
+
+  Rows are numbered across the arrays in order (the rows of ``keys[0]``, then of
+  ``keys[1]``, ...) and row ``r`` gets exactly ``min(k[r], its non-zero keys)``
+  entries; among equal keys the lower column wins. Key 0 is never chosen. One
+  bisection serves every row, and the arrays are not split per row: stacking many
+  same-sized arrays into one costs no compiled code per row.
+
+  Args:
+    keys: uint32 arrays ``[rows_i, n_i]``.
+    k: entries to select per row, ``[sum(rows_i)]`` (may be traced).
+
+  Returns:
+    Bool arrays like ``keys``.
+  """
+  key, row_segment, count = _stacked_layout(keys)
+  chosen = _select(key, row_segment, count, k)
+  out, start = [], 0
+  for array in keys:
+    stacked, n = array.shape
+    rows = stacked * max(-(-n // _COLUMNS), 1)
+    out.append(chosen[start:start + rows].reshape(stacked, -1)[:, :n])
+    start += rows
+  return out
+
+
+def _select(key: jax.Array, row_segment: jax.Array, count: int, k: jax.Array | int
+            ) -> jax.Array:
+  """The ``k[s]`` largest non-zero keys of every segment ``s`` of a layout (ties: row-major).
+
+  Args:
+    key: ``[rows, _COLUMNS]`` uint32 keys, 0 where not eligible.
+    row_segment: ``[rows]`` segment of every row, sorted.
+    count: number of segments.
+    k: scalar or ``[count]`` entries to select per segment.
+
+  Returns:
+    ``[rows, _COLUMNS]`` bool.
+  """
   k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (count,))
   k = jnp.minimum(k, _per_segment(key != 0, row_segment, count))
 
@@ -128,8 +192,7 @@ def top_k_masks(scores: list[jax.Array], k: jax.Array | int,
   chosen = jax.lax.cond(jnp.any(_per_segment(tied, row_segment, count) > room),
                         lambda t, r: _first_in_order(t, r, row_segment, count),
                         lambda t, r: t, tied, jnp.maximum(room, 0))
-  chosen = ((key > kth) | chosen).reshape(-1)
-  return [chosen[starts[i]:starts[i] + s.size].reshape(s.shape) for i, s in enumerate(scores)]
+  return (key > kth) | chosen
 
 
 def top_k_each(scores: list[jax.Array], k: jax.Array | list[int],

@@ -12,6 +12,7 @@ from conftest import (
   run,
 )
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -363,16 +364,29 @@ def test_the_compiled_update_does_not_grow_with_the_number_of_layers(method):
   assert loops(3) == loops(12)
 
 
-def test_random_masks_of_equal_shapes_match_one_permutation_per_leaf():
-  """Leaves of one shape share a vmapped permutation: the masks of a seed are unchanged."""
+def test_random_masks_keep_the_largest_of_one_random_draw_per_shape():
+  """A leaf's mask marks its nnz largest keys of one uniform draw per shape (the leaves
+  of a shape are its rows), ties to the lower index; leaves are independent."""
   params = {"a": np.ones((8, 8)), "b": np.ones((8, 8)), "c": np.ones((4, 6)), "d": np.ones(3)}
   nnz = {"a": 10, "b": 20, "c": 5, "d": None}
   masks = random_masks(jax.random.PRNGKey(3), params, nnz)
-  keys = jax.random.split(jax.random.PRNGKey(3), 4)
-  for key, name in zip(keys, "abcd"):
-    if nnz[name] is None:
-      assert masks[name] is None
-      continue
-    shape = params[name].shape
-    expected = (jax.random.permutation(key, np.prod(shape)) < nnz[name]).reshape(shape)
-    np.testing.assert_array_equal(masks[name], expected)
+  assert masks["d"] is None
+  draws = {(8, 8): (0, ["a", "b"]), (4, 6): (1, ["c"])}
+  for shape, (group, names) in draws.items():
+    keys = np.asarray(jax.random.bits(jax.random.fold_in(jax.random.PRNGKey(3), group),
+                                      (len(names), int(np.prod(shape))), jnp.uint32) | 1)
+    for row, name in enumerate(names):
+      expected = np.zeros(keys.shape[1], bool)
+      expected[np.argsort(-keys[row].astype(np.int64), kind="stable")[:nnz[name]]] = True
+      np.testing.assert_array_equal(masks[name], expected.reshape(shape))
+  assert not np.array_equal(masks["a"], masks["b"][:10])
+
+
+def test_random_masks_are_uniform():
+  """Over many seeds every entry is active with probability nnz / size."""
+  params, nnz = {"w": np.ones((6, 5))}, {"w": 7}
+  draw = jax.jit(jax.vmap(lambda key: random_masks(key, params, nnz)["w"]))
+  draws = np.asarray(draw(jax.random.split(jax.random.PRNGKey(0), 600)))
+  assert (draws.sum(axis=(1, 2)) == 7).all()
+  frequency = draws.mean(0)  # binomial(600, 7/30): std ≈ 0.017
+  assert np.abs(frequency - 7 / 30).max() < 0.08

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.selection import sortable_key, top_k_each, top_k_mask, top_k_masks
+from sparsejax.selection import sortable_key, top_k_each, top_k_mask, top_k_masks, top_k_rows
 
 jitted = jax.jit(top_k_mask)
 
@@ -122,6 +122,24 @@ def test_segments_of_several_arrays_select_as_their_concatenations(data):
   np.testing.assert_array_equal(out[1], jitted(jnp.asarray(arrays[1]), k0))
   joint = jitted(jnp.asarray(np.concatenate([arrays[0], arrays[2]])), k1)
   np.testing.assert_array_equal(np.concatenate([out[0], out[2]]), joint)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_top_k_rows_selects_per_row_like_a_stable_argsort(data):
+  """Every row of every stacked key array: its k largest non-zero keys, ties to the
+  lower column; rows wider than the 128-column layout and of unequal widths."""
+  shapes = [(3, 5), (2, 130), (1, 1)]
+  values = st.sampled_from([0, 1, 2, 7, 2**31, 2**32 - 1])
+  keys = [data.draw(hnp.arrays(np.uint32, shape, elements=values)) for shape in shapes]
+  ks = [data.draw(st.integers(0, n)) for rows, n in shapes for _ in range(rows)]
+  chosen = jax.jit(top_k_rows)([jnp.asarray(k) for k in keys], jnp.asarray(ks))
+  rows = [row for k in keys for row in k]
+  for row, k, mask in zip(rows, ks, [m for c in chosen for m in np.asarray(c)], strict=True):
+    expected = np.zeros(row.size, bool)
+    order = np.argsort(-row.astype(np.int64), kind="stable")
+    expected[order[:min(k, int((row != 0).sum()))]] = True
+    np.testing.assert_array_equal(mask, expected)
 
 
 def test_the_selection_code_does_not_grow_with_the_number_of_arrays():
