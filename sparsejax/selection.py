@@ -22,6 +22,13 @@ import jax.numpy as jnp
 
 _SIGN_BIT = jnp.uint32(0x80000000)
 _COLUMNS = 128  # counts run over a [rows, 128] layout
+_ROW_GROUP = 8  # every array's rows padded to a multiple: counts sum 8 rows as uint8 first
+
+
+def _layout_rows(n: int) -> int:
+  """Layout rows of an array of ``n`` entries: a positive multiple of ``_ROW_GROUP``."""
+  group = _ROW_GROUP * _COLUMNS
+  return max(-(-n // group), 1) * _ROW_GROUP
 
 
 def sortable_key(scores: jax.Array) -> jax.Array:
@@ -52,7 +59,7 @@ def _layout(scores: list[jax.Array], eligible: list[jax.Array | None], segments:
   start = 0
   for i in order:
     n = scores[i].size
-    rows = max(-(-n // _COLUMNS), 1)
+    rows = _layout_rows(n)
     starts[i], start = start, start + rows * _COLUMNS
     ok = jnp.ones((n,), bool) if eligible[i] is None else eligible[i].reshape(-1)
     key = jnp.where(ok, sortable_key(scores[i].reshape(-1)), jnp.uint32(0))
@@ -62,7 +69,7 @@ def _layout(scores: list[jax.Array], eligible: list[jax.Array | None], segments:
   sizes: dict[int, int] = {}
   for i in order:
     sizes[segments[i]] = sizes.get(segments[i], 0) + scores[i].size
-  if max(sizes.values()) >= 2**31 - len(scores) * _COLUMNS:  # int32 counts, with padding
+  if max(sizes.values()) >= 2**31 - len(scores) * _ROW_GROUP * _COLUMNS:  # int32, padded
     raise ValueError(f"top_k_masks supports under 2**31 entries per segment, got "
                      f"{max(sizes.values())}")
   return jnp.concatenate(keys), jnp.concatenate(row_segments), starts
@@ -73,12 +80,13 @@ def _stacked_layout(keys: list[jax.Array]) -> tuple[jax.Array, jax.Array, int]:
 
   Returns:
     ``(key, row_segment, count)``: the keys, each row's columns padded with 0 to a
-    multiple of ``_COLUMNS``, the segment of every layout row and the segment count.
+    multiple of ``_ROW_GROUP * _COLUMNS``, the segment of every layout row and the
+    segment count.
   """
   parts, row_segments, count = [], [], 0
   for k in keys:
     stacked, n = k.shape
-    width = max(-(-n // _COLUMNS), 1) * _COLUMNS
+    width = _layout_rows(n) * _COLUMNS
     if width >= 2**31:  # int32 counts
       raise ValueError(f"top_k_rows supports under 2**31 entries per row, got {n}")
     parts.append(jnp.pad(k, ((0, 0), (0, width - n))).reshape(-1, _COLUMNS))
@@ -88,10 +96,19 @@ def _stacked_layout(keys: list[jax.Array]) -> tuple[jax.Array, jax.Array, int]:
   return jnp.concatenate(parts), jnp.concatenate(row_segments), count
 
 
-def _per_segment(flags: jax.Array, row_segment: jax.Array, count: int) -> jax.Array:
-  """Number of True entries of ``flags [rows, _COLUMNS]`` in every segment, as int32."""
-  per_row = jnp.sum(flags, axis=1, dtype=jnp.float32).astype(jnp.int32)  # exact: ≤ 128
-  return jax.ops.segment_sum(per_row, row_segment, num_segments=count, indices_are_sorted=True)
+def _per_segment(flags: jax.Array, group_segment: jax.Array, count: int) -> jax.Array:
+  """Number of True entries of ``flags [rows, _COLUMNS]`` in every segment, as int32.
+
+  ``group_segment`` is the segment of every group of ``_ROW_GROUP`` rows. Summing the
+  rows of a group first, as uint8 (at most 8), reads the flags once in vector-wide
+  adds and leaves an array 8 times smaller to reduce (XLA:CPU does not fuse a
+  reduction into its producer, so the flags are materialised either way: 2.3 times
+  faster than float32 row sums on 2.9M entries).
+  """
+  per_group = jnp.sum(flags.reshape(-1, _ROW_GROUP, _COLUMNS), axis=1, dtype=jnp.uint8)
+  per_group = jnp.sum(per_group, axis=1, dtype=jnp.int32)
+  return jax.ops.segment_sum(per_group, group_segment, num_segments=count,
+                             indices_are_sorted=True)
 
 
 def _first_in_order(tied: jax.Array, room: jax.Array, row_segment: jax.Array,
@@ -156,7 +173,7 @@ def top_k_rows(keys: list[jax.Array], k: jax.Array | list[int]) -> list[jax.Arra
   out, start = [], 0
   for array in keys:
     stacked, n = array.shape
-    rows = stacked * max(-(-n // _COLUMNS), 1)
+    rows = stacked * _layout_rows(n)
     out.append(chosen[start:start + rows].reshape(stacked, -1)[:, :n])
     start += rows
   return out
@@ -176,20 +193,21 @@ def _select(key: jax.Array, row_segment: jax.Array, count: int, k: jax.Array | i
     ``[rows, _COLUMNS]`` bool.
   """
   k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (count,))
-  k = jnp.minimum(k, _per_segment(key != 0, row_segment, count))
+  group_segment = row_segment[::_ROW_GROUP]
+  k = jnp.minimum(k, _per_segment(key != 0, group_segment, count))
 
   def add_bit(bit, threshold):
     candidate = threshold | (jnp.uint32(1) << jnp.asarray(31 - bit, jnp.uint32))
     # Ineligible keys are 0 < candidate, so they are never counted.
-    enough = _per_segment(key >= candidate[row_segment][:, None], row_segment, count) >= k
+    enough = _per_segment(key >= candidate[row_segment][:, None], group_segment, count) >= k
     return jnp.where(enough, candidate, threshold)
 
   # Per segment, the largest threshold with at least k eligible keys at or above it.
   kth = jax.lax.fori_loop(0, 32, add_bit, jnp.zeros((count,), jnp.uint32))[row_segment][:, None]
-  room = k - _per_segment(key > kth, row_segment, count)
+  room = k - _per_segment(key > kth, group_segment, count)
   tied = (key != 0) & (key == kth)
   # Ties at the k-th key are rare for continuous scores: break them only when needed.
-  chosen = jax.lax.cond(jnp.any(_per_segment(tied, row_segment, count) > room),
+  chosen = jax.lax.cond(jnp.any(_per_segment(tied, group_segment, count) > room),
                         lambda t, r: _first_in_order(t, r, row_segment, count),
                         lambda t, r: t, tied, jnp.maximum(room, 0))
   return (key > kth) | chosen
