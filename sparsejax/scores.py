@@ -7,6 +7,7 @@ the params (only masked leaves are read). Methods differ by the functions they p
 from __future__ import annotations
 
 from collections.abc import Callable
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -40,11 +41,42 @@ def gradient_magnitude(inputs: ScoreInputs) -> Any:
   return map_masked(lambda _, g: jnp.abs(g), inputs.masks, inputs.grads)
 
 
+def _mix32(x: jax.Array) -> jax.Array:
+  """lowbias32 (C. Wellons' hash prospector): a bijection of uint32 with low bias."""
+  x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+  x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def hashed_uniform(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Pseudo-random U(0, 1) float32 of every entry: a hash of its flat index and ``seed``.
+
+  ``_mix32(_mix32(index) ^ seed)``, top 24 bits. A counter-based generator of a few
+  integer operations per entry that fuses into its consumer: on a CPU ~10 times
+  cheaper than ``jax.random.uniform`` (threefry; 30 ms for 2.9M numbers), whose code
+  is also compiled once per leaf.
+
+  Args:
+    seed: uint32 scalar, drawn with ``jax.random``.
+    shape: the output shape.
+
+  Returns:
+    float32 array of ``shape`` in [0, 1).
+  """
+  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  bits = _mix32(_mix32(index) ^ seed)
+  return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
 def random_uniform(inputs: ScoreInputs) -> Any:
-  """Independent U(0, 1) per weight: SET's grow score."""
+  """Independent U(0, 1) per weight: SET's grow score.
+
+  One seed per leaf from ``inputs.key`` (``jax.random``), then :func:`hashed_uniform`.
+  """
   leaves, treedef = jax.tree.flatten(inputs.masks, is_leaf=is_unmasked)
-  keys = jax.random.split(inputs.key, len(leaves))
-  scores = [None if m is None else jax.random.uniform(k, m.shape) for k, m in zip(keys, leaves)]
+  seeds = jax.random.bits(inputs.key, (len(leaves),), jnp.uint32)
+  scores = [None if m is None else hashed_uniform(seeds[i], m.shape)
+            for i, m in enumerate(leaves)]
   return jax.tree.unflatten(treedef, scores)
 
 

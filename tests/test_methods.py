@@ -20,6 +20,7 @@ import pytest
 import sparsejax as sj
 from sparsejax.masks import nnz_targets, random_masks
 from sparsejax.schedules import cosine_drop_fraction, update_steps
+from sparsejax.selection import top_k_mask
 from sparsejax.wrapper import apply_masks
 
 
@@ -390,3 +391,18 @@ def test_random_masks_are_uniform():
   assert (draws.sum(axis=(1, 2)) == 7).all()
   frequency = draws.mean(0)  # binomial(600, 7/30): std ≈ 0.017
   assert np.abs(frequency - 7 / 30).max() < 0.08
+
+
+def test_set_grow_scores_are_uniform_and_independent():
+  """SET's hashed U(0, 1) scores: top 5 of 40 weights over 3000 seeds pick every weight
+  and every pair of weights as often as uniform sampling without replacement would."""
+  top5 = jax.jit(jax.vmap(lambda seed: top_k_mask(sj.scores.hashed_uniform(seed, (40,)), 5)))
+  picks = np.asarray(top5(jnp.arange(3000, dtype=jnp.uint32) * 7919))
+  assert (picks.sum(1) == 5).all()
+  frequency = picks.mean(0)  # binomial(3000, 1/8): std ≈ 0.006
+  assert np.abs(frequency - 5 / 40).max() < 0.03
+  pairs = (picks[:, :, None] & picks[:, None, :]).mean(0)[np.triu_indices(40, 1)]
+  assert np.abs(pairs.mean() - 5 / 40 * 4 / 39) < 0.002 and pairs.max() < 0.03
+  scores = np.asarray(sj.scores.hashed_uniform(jnp.uint32(3), (4, 1000)))
+  assert scores.min() >= 0.0 and scores.max() < 1.0 and abs(scores.mean() - 0.5) < 0.02
+  assert not np.array_equal(scores, sj.scores.hashed_uniform(jnp.uint32(4), (4, 1000)))
