@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax import distributions
-from sparsejax.selection import top_k_rows
+from sparsejax.selection import random_subsets
 
 DensePredicate = Callable[[str, Any], bool]
 
@@ -206,24 +206,12 @@ def random_masks(key: jax.Array, params: Any, nnz: Any) -> Any:
   """
   counts, treedef = jax.tree.flatten(nnz, is_leaf=is_unmasked)
   leaves = treedef.flatten_up_to(params)
-  # Each leaf's mask marks its ``nnz`` largest of independent uniform random keys (31
-  # random bits; the lowest bit set so no key is 0, which the selection never picks).
-  # Leaves of one shape draw their keys as one [leaves, size] array, and one selection
-  # serves every leaf, so the compiled init grows with the number of distinct shapes.
-  by_shape: dict[tuple[int, ...], list[int]] = {}
-  for i, (leaf, n) in enumerate(zip(leaves, counts)):
-    if n is not None:
-      by_shape.setdefault(tuple(jnp.shape(leaf)), []).append(i)
-  groups = list(by_shape.items())
-  keys = [jax.random.bits(jax.random.fold_in(key, g), (len(group), math.prod(shape)),
-                          jnp.uint32) | jnp.uint32(1)
-          for g, (shape, group) in enumerate(groups)]
-  chosen = top_k_rows(keys, jnp.asarray([counts[i] for _, group in groups for i in group],
-                                        jnp.int32))
+  masked = [i for i, n in enumerate(counts) if n is not None]
+  chosen = random_subsets(key, [math.prod(jnp.shape(leaves[i])) for i in masked],
+                          jnp.asarray([counts[i] for i in masked], jnp.int32))
   out: list[jax.Array | None] = [None] * len(leaves)
-  for (shape, group), group_masks in zip(groups, chosen):
-    for position, i in enumerate(group):
-      out[i] = group_masks[position].reshape(shape)
+  for i, subset in zip(masked, chosen):
+    out[i] = subset.reshape(jnp.shape(leaves[i]))
   return jax.tree.unflatten(treedef, out)
 
 

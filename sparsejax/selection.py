@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _SIGN_BIT = jnp.uint32(0x80000000)
 _COLUMNS = 128  # counts run over a [rows, 128] layout
@@ -73,27 +74,6 @@ def _layout(scores: list[jax.Array], eligible: list[jax.Array | None], segments:
     raise ValueError(f"top_k_masks supports under 2**31 entries per segment, got "
                      f"{max(sizes.values())}")
   return jnp.concatenate(keys), jnp.concatenate(row_segments), starts
-
-
-def _stacked_layout(keys: list[jax.Array]) -> tuple[jax.Array, jax.Array, int]:
-  """Arrays ``[rows_i, n_i]`` of keys as one ``[rows, _COLUMNS]`` layout, a segment per row.
-
-  Returns:
-    ``(key, row_segment, count)``: the keys, each row's columns padded with 0 to a
-    multiple of ``_ROW_GROUP * _COLUMNS``, the segment of every layout row and the
-    segment count.
-  """
-  parts, row_segments, count = [], [], 0
-  for k in keys:
-    stacked, n = k.shape
-    width = _layout_rows(n) * _COLUMNS
-    if width >= 2**31:  # int32 counts
-      raise ValueError(f"top_k_rows supports under 2**31 entries per row, got {n}")
-    parts.append(jnp.pad(k, ((0, 0), (0, width - n))).reshape(-1, _COLUMNS))
-    row_segments.append(count + jnp.repeat(jnp.arange(stacked, dtype=jnp.int32),
-                                           width // _COLUMNS))
-    count += stacked
-  return jnp.concatenate(parts), jnp.concatenate(row_segments), count
 
 
 def _per_segment(flags: jax.Array, group_segment: jax.Array, count: int) -> jax.Array:
@@ -152,31 +132,36 @@ def top_k_masks(scores: list[jax.Array], k: jax.Array | int,
   return [chosen[starts[i]:starts[i] + s.size].reshape(s.shape) for i, s in enumerate(scores)]
 
 
-def top_k_rows(keys: list[jax.Array], k: jax.Array | list[int]) -> list[jax.Array]:
-  """Marks, in every row of uint32 key arrays, its ``k`` largest non-zero keys.
+def random_subsets(key: jax.Array, sizes: list[int], k: jax.Array | list[int]
+                   ) -> list[jax.Array]:
+  """Uniformly random subsets of ``k[i]`` of ``sizes[i]`` entries, for every ``i``.
 
-  Rows are numbered across the arrays in order (the rows of ``keys[0]``, then of
-  ``keys[1]``, ...) and row ``r`` gets exactly ``min(k[r], its non-zero keys)``
-  entries; among equal keys the lower column wins. Key 0 is never chosen. One
-  bisection serves every row, and the arrays are not split per row: stacking many
-  same-sized arrays into one costs no compiled code per row.
+  The keys of every array are drawn at once, directly in the selection's layout (31
+  random bits, the lowest bit set; padding 0, never chosen), and one selection keeps
+  the ``k[i]`` largest of every array: the compiled code holds one random draw and one
+  selection whatever the number of arrays. Equal keys, rare with 31 bits, go to the
+  lower index.
 
   Args:
-    keys: uint32 arrays ``[rows_i, n_i]``.
-    k: entries to select per row, ``[sum(rows_i)]`` (may be traced).
+    key: a PRNG key.
+    sizes: number of entries of every array.
+    k: entries to choose per array, ``[len(sizes)]`` (may be traced).
 
   Returns:
-    Bool arrays like ``keys``.
+    Flat bool arrays of ``sizes``.
   """
-  key, row_segment, count = _stacked_layout(keys)
-  chosen = _select(key, row_segment, count, k)
-  out, start = [], 0
-  for array in keys:
-    stacked, n = array.shape
-    rows = stacked * _layout_rows(n)
-    out.append(chosen[start:start + rows].reshape(stacked, -1)[:, :n])
-    start += rows
-  return out
+  if not sizes:
+    return []
+  rows = [_layout_rows(n) for n in sizes]
+  valid = np.concatenate([np.minimum(np.maximum(n - _COLUMNS * np.arange(r), 0), _COLUMNS)
+                          for n, r in zip(sizes, rows)])  # valid columns of every row
+  row_segment = np.repeat(np.arange(len(sizes), dtype=np.int32), rows)
+  bits = jax.random.bits(key, (sum(rows), _COLUMNS), jnp.uint32) | jnp.uint32(1)
+  column = jax.lax.broadcasted_iota(jnp.int32, bits.shape, 1)
+  keys = jnp.where(column < jnp.asarray(valid, jnp.int32)[:, None], bits, jnp.uint32(0))
+  chosen = _select(keys, jnp.asarray(row_segment), len(sizes), k)
+  starts = np.cumsum([0] + rows)
+  return [chosen[a:b].reshape(-1)[:n] for a, b, n in zip(starts[:-1], starts[1:], sizes)]
 
 
 def _select(key: jax.Array, row_segment: jax.Array, count: int, k: jax.Array | int

@@ -365,22 +365,16 @@ def test_the_compiled_update_does_not_grow_with_the_number_of_layers(method):
   assert loops(3) == loops(12)
 
 
-def test_random_masks_keep_the_largest_of_one_random_draw_per_shape():
-  """A leaf's mask marks its nnz largest keys of one uniform draw per shape (the leaves
-  of a shape are its rows), ties to the lower index; leaves are independent."""
+def test_random_masks_have_the_counts_of_every_leaf_and_depend_on_the_seed():
   params = {"a": np.ones((8, 8)), "b": np.ones((8, 8)), "c": np.ones((4, 6)), "d": np.ones(3)}
   nnz = {"a": 10, "b": 20, "c": 5, "d": None}
   masks = random_masks(jax.random.PRNGKey(3), params, nnz)
   assert masks["d"] is None
-  draws = {(8, 8): (0, ["a", "b"]), (4, 6): (1, ["c"])}
-  for shape, (group, names) in draws.items():
-    keys = np.asarray(jax.random.bits(jax.random.fold_in(jax.random.PRNGKey(3), group),
-                                      (len(names), int(np.prod(shape))), jnp.uint32) | 1)
-    for row, name in enumerate(names):
-      expected = np.zeros(keys.shape[1], bool)
-      expected[np.argsort(-keys[row].astype(np.int64), kind="stable")[:nnz[name]]] = True
-      np.testing.assert_array_equal(masks[name], expected.reshape(shape))
-  assert not np.array_equal(masks["a"], masks["b"][:10])
+  assert {name: int(masks[name].sum()) for name in "abc"} == {"a": 10, "b": 20, "c": 5}
+  assert masks["a"].shape == (8, 8) and masks["c"].shape == (4, 6)
+  other = random_masks(jax.random.PRNGKey(4), params, nnz)
+  assert not np.array_equal(masks["a"], other["a"])
+  assert random_masks(jax.random.PRNGKey(3), {"d": np.ones(3)}, {"d": None}) == {"d": None}
 
 
 def test_random_masks_are_uniform():

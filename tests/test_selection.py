@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.selection import sortable_key, top_k_each, top_k_mask, top_k_masks, top_k_rows
+from sparsejax.selection import random_subsets, sortable_key, top_k_each, top_k_mask, top_k_masks
 
 jitted = jax.jit(top_k_mask)
 
@@ -124,22 +124,22 @@ def test_segments_of_several_arrays_select_as_their_concatenations(data):
   np.testing.assert_array_equal(np.concatenate([out[0], out[2]]), joint)
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.data())
-def test_top_k_rows_selects_per_row_like_a_stable_argsort(data):
-  """Every row of every stacked key array: its k largest non-zero keys, ties to the
-  lower column; rows wider than the 128-column layout and of unequal widths."""
-  shapes = [(3, 5), (2, 130), (1, 1)]
-  values = st.sampled_from([0, 1, 2, 7, 2**31, 2**32 - 1])
-  keys = [data.draw(hnp.arrays(np.uint32, shape, elements=values)) for shape in shapes]
-  ks = [data.draw(st.integers(0, n)) for rows, n in shapes for _ in range(rows)]
-  chosen = jax.jit(top_k_rows)([jnp.asarray(k) for k in keys], jnp.asarray(ks))
-  rows = [row for k in keys for row in k]
-  for row, k, mask in zip(rows, ks, [m for c in chosen for m in np.asarray(c)], strict=True):
-    expected = np.zeros(row.size, bool)
-    order = np.argsort(-row.astype(np.int64), kind="stable")
-    expected[order[:min(k, int((row != 0).sum()))]] = True
-    np.testing.assert_array_equal(mask, expected)
+def test_random_subsets_have_exact_sizes_and_are_uniform():
+  """k of n entries of every array, every entry equally likely and every pair as often
+  as in uniform sampling without replacement; arrays of one size are independent."""
+  sizes, ks = [5, 130, 1, 40, 40], [2, 64, 1, 5, 5]
+  draw = jax.jit(jax.vmap(lambda key: random_subsets(key, sizes, jnp.asarray(ks))))
+  subsets = [np.asarray(s) for s in draw(jax.random.split(jax.random.PRNGKey(0), 3000))]
+  for subset, n, k in zip(subsets, sizes, ks, strict=True):
+    assert subset.shape == (3000, n) and (subset.sum(1) == k).all()
+    assert np.abs(subset.mean(0) - k / n).max() < 0.04  # binomial std ≤ 0.009
+  pairs = (subsets[3][:, :, None] & subsets[3][:, None, :]).mean(0)[np.triu_indices(40, 1)]
+  assert np.abs(pairs.mean() - 5 / 40 * 4 / 39) < 0.002 and pairs.max() < 0.03
+  both = (subsets[3] & subsets[4]).mean(0)  # independent: (5/40)² per entry
+  assert np.abs(both.mean() - (5 / 40) ** 2) < 0.003
+  again = random_subsets(jax.random.PRNGKey(7), sizes, jnp.asarray(ks))
+  for a, b in zip(again, random_subsets(jax.random.PRNGKey(7), sizes, jnp.asarray(ks))):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_the_selection_code_does_not_grow_with_the_number_of_arrays():
