@@ -152,9 +152,12 @@ def test_coverage_grows_with_c_and_exceeds_rigl(mlp):
     return sj.coverage(state)["global"]
 
   rigl = final_coverage(sj.rigl(optax.sgd(0.1), **settings))
-  by_c = [final_coverage(sj.dst_ee(optax.sgd(0.1), c=c, **settings)) for c in (0.0, 0.01, 0.1, 1.0)]
+  by_c = [final_coverage(sj.dst_ee(optax.sgd(0.1), c=c, **settings))
+          for c in (0.0, 0.001, 0.003, 0.1)]
   assert by_c[0] == rigl
-  assert by_c == sorted(by_c) and by_c[2] > rigl and by_c[3] > by_c[1]
+  # Strictly more exploration up to c = 0.003; from c ≈ 0.01 on, this tiny model's
+  # coverage is at its ceiling (every update grows only never-active weights).
+  assert by_c[0] < by_c[1] < by_c[2] <= by_c[3]
 
 
 def test_counts_use_the_smallest_dtype_that_holds_the_run():
