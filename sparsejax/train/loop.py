@@ -43,7 +43,7 @@ from sparsejax.data import (
   num_classes,
 )
 from sparsejax.train import experiment_config as cfg
-from sparsejax.train import flops, records
+from sparsejax.train import flops, records, sharding
 from sparsejax.train.always_sparse import is_always_sparse, method_variables
 from sparsejax.train.checkpoints import Checkpointer
 from sparsejax.train.logs import MetricsWriter, Progress
@@ -74,6 +74,7 @@ class Experiment(NamedTuple):
   positions: Mapping[str, int]  # kernel output positions per example (FLOPs)
   dense_flops: float  # forward FLOPs per example of the dense model
   learning_rate: optax.Schedule
+  mesh: jax.sharding.Mesh  # every device on the ``data`` axis; the state is replicated
 
   @property
   def method(self) -> str:
@@ -268,13 +269,17 @@ def setup(config: ml_collections.ConfigDict, data: tuple[Any, Any] | None = None
     FileNotFoundError: when the dataset is not found.
   """
   cfg.validate_config(config)
+  mesh = sharding.data_mesh()
+  sharding.check_divisible("batch_size", config.batch_size, mesh)
+  sharding.check_divisible("eval_batch_size", config.eval_batch_size, mesh)
   train_source, test_source = data if data is not None else load_data(config)
   _, sparse, _, _ = build_optimizer(config, len(train_source), _placeholders(config))
   dataset = config.data.dataset
   mean, std = _normalization(config.data)
   pipeline = TrainPipeline(train_source, batch_size=config.batch_size, seed=config.seed,
                            crop_padding=config.data.crop_padding, flip=config.data.flip,
-                           mean=mean, std=std)
+                           mean=mean, std=std, shard_index=jax.process_index(),
+                           shard_count=jax.process_count())
   model = _model(config, num_classes(dataset, config.data.data_dir))
   sample = pipeline.batch(0)["image"][:1]
   tx, sparse, num_steps, per_epoch, state = _start(config, model, len(train_source), sample)
@@ -283,8 +288,9 @@ def setup(config: ml_collections.ConfigDict, data: tuple[Any, Any] | None = None
               **method_variables(sparse["method"], state.opt_state)}, sample, train=False)
   _, dense_flops = flops.forward_flops(state.params, None, positions)
   schedule = learning_rate_schedule(config.optimizer, per_epoch, num_steps)
-  return Experiment(_resolved(config, sparse), model, tx, state, pipeline, test_source,
-                    num_steps, per_epoch, positions, dense_flops, schedule)
+  return Experiment(_resolved(config, sparse), model, tx, sharding.replicate(state, mesh),
+                    pipeline, test_source, num_steps, per_epoch, positions, dense_flops,
+                    schedule, mesh)
 
 
 def _apply(model: nn.Module, params: Any, model_state: Any, images: jax.Array, train: bool,
@@ -345,7 +351,8 @@ def make_train_step(experiment: Experiment, with_statistics: bool = False,
                                  experiment.positions)
     return TrainState(state.step + 1, params, model_state, opt_state, tracker)
 
-  return jax.jit(train_step, donate_argnums=0)
+  # The state stays replicated; a batch sharded along ``data`` splits the work.
+  return jax.jit(train_step, donate_argnums=0, out_shardings=sharding.replicated(experiment.mesh))
 
 
 def train_steps(experiment: Experiment) -> Callable[[int], Callable[[TrainState, Any], TrainState]]:
@@ -386,10 +393,10 @@ def make_evaluate(experiment: Experiment) -> Callable[[TrainState], tuple[float,
 
   def evaluate(state: TrainState) -> tuple[float, float]:
     loss, correct, count = jnp.zeros(()), jnp.zeros((), jnp.int32), 0
-    for images, labels, valid in eval_batches(experiment.test, size, pipeline.mean,
-                                              pipeline.std):
+    for batch in eval_batches(experiment.test, size, pipeline.mean, pipeline.std):
+      images, labels, valid = sharding.shard_batch(batch, experiment.mesh)
       batch_loss, batch_correct = batch_sums(state, images, labels, valid)
-      loss, correct, count = loss + batch_loss, correct + batch_correct, count + int(valid.sum())
+      loss, correct, count = loss + batch_loss, correct + batch_correct, count + int(batch[2].sum())
     return float(loss) / count, int(correct) / count
 
   return evaluate
@@ -453,7 +460,7 @@ def _train(experiment: Experiment, state: TrainState, totals: records.Totals,
   with (contextlib.closing(experiment.pipeline.iterate(step)) as batches,
         Progress(num_steps, step, experiment.method, enabled=show_progress) as progress):
     while step < num_steps:
-      state = train_step(step + 1)(state, next(batches))
+      state = train_step(step + 1)(state, sharding.shard_batch(next(batches), experiment.mesh))
       step += 1
       is_eval = step == num_steps or step % eval_every == 0
       is_log = is_eval or step % config.log_every == 0

@@ -18,7 +18,7 @@ import optax
 import sparsejax
 from sparsejax import metrics
 import sparsejax.nn as sjnn
-from sparsejax.train import flops
+from sparsejax.train import flops, sharding
 
 if TYPE_CHECKING:
   from sparsejax.train.loop import Experiment, TrainState
@@ -176,6 +176,7 @@ def summary(experiment: Experiment, state: TrainState, last_row: dict[str, Any],
       "train_flops_ratio": last_row["train_flops"] / last_row["train_flops_dense"],
       "inference_flops_ratio": last_row["inference_flops"] / last_row["inference_flops_dense"],
       "coverage": last_row.get("coverage"), "layers": last_row["layers"],
+      **sharding.describe(experiment.mesh),
       # Runs with the same group are repeats of one experiment (seeds aside).
       "group": group_config(config.to_dict()),
   }

@@ -1,0 +1,70 @@
+"""Data-parallel runs: the same CLI command on 1 and on 8 (simulated) devices agrees."""
+
+import json
+from pathlib import Path
+import subprocess
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from test_cli import CONFIG, ROOT, SHORT, cli_command, cli_env, data_dir  # noqa: F401
+
+
+def _run(tmp_path: Path, data: Path, method: str, devices: int) -> Path:
+  workdir = tmp_path / f"{method}-{devices}"
+  env = {**cli_env(data), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         # Collectives can deadlock on 2 cores when CPU steps are dispatched asynchronously.
+         "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false"}
+  args = [f"{CONFIG}:{method}", f"--workdir={workdir}", *SHORT]
+  if method != "dst":
+    args.append("--config.sparse.update_every=4")
+  result = subprocess.run(cli_command(*args), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return workdir
+
+
+def _checkpoint(workdir: Path, step: int) -> list[np.ndarray]:
+  """The leaves of a checkpoint, restored onto this process's one device."""
+  path = (workdir / "checkpoints" / str(step) / "state").resolve()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(path)
+    metadata = getattr(metadata, "item_metadata", metadata)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          metadata)
+    state = checkpointer.restore(path, target)
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
+
+
+@pytest.mark.parametrize("method", ["rigl", "dst"])
+def test_one_and_eight_devices_train_alike(data_dir, tmp_path, method):  # noqa: F811
+  """Global batch 32 on 1 device and split over 8: the same masks in both checkpoints
+  (steps 10 and 20; RigL updates at 4, 8 and 12), the same weights-ever-active, and
+  params, optimizer state and losses to float rounding; the summary records the mesh."""
+  runs = {n: _run(tmp_path, data_dir, method, n) for n in (1, 8)}
+  summaries = {n: json.loads((d / "summary.json").read_text()) for n, d in runs.items()}
+  assert summaries[1]["devices"] == 1 and summaries[1]["mesh"] == {"data": 1}
+  assert summaries[8]["devices"] == 8 and summaries[8]["mesh"] == {"data": 8}
+  one, eight = summaries[1], summaries[8]
+  assert one["layers"] == eight["layers"] and one["coverage"] == eight["coverage"]
+  assert one["sparsity"] == eight["sparsity"]
+  if method == "rigl":
+    assert one["coverage"] > 1 - one["sparsity"] + 0.01  # the masks did change
+  for step in (10, 20):
+    leaves = {n: _checkpoint(d, step) for n, d in runs.items()}
+    assert any(leaf.dtype == bool for leaf in leaves[1])
+    for a, b in zip(leaves[1], leaves[8], strict=True):
+      if a.dtype == bool or np.issubdtype(a.dtype, np.integer):
+        np.testing.assert_array_equal(a, b)
+      else:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  rows = {n: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+          for n, d in runs.items()}
+  assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[8]]
+  for key in ("train_loss", "test_loss"):
+    a = [r[key] for r in rows[1] if r.get(key) is not None]
+    b = [r[key] for r in rows[8] if r.get(key) is not None]
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+  assert one["test_accuracy"] == pytest.approx(eight["test_accuracy"], abs=1 / 64 + 1e-9)
