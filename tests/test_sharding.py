@@ -2,25 +2,32 @@
 
 import json
 from pathlib import Path
+import shutil
 import subprocess
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from test_cli import CONFIG, ROOT, SHORT, cli_command, cli_env, data_dir  # noqa: F401
+from test_cli import CONFIG, ROOT, SHORT, cli_env, data_dir  # noqa: F401
+
+# ``python -m experiments.train ARGS`` with CPU steps dispatched synchronously: on this
+# 2-core machine collectives can deadlock under asynchronous dispatch (a test setting,
+# not the library's).
+SYNCHRONOUS_CLI = ("import jax, runpy; jax.config.update('jax_cpu_enable_async_dispatch', False); "
+                   "runpy.run_module('experiments.train', run_name='__main__', alter_sys=True)")
 
 
-def _run(tmp_path: Path, data: Path, method: str, devices: int) -> Path:
-  workdir = tmp_path / f"{method}-{devices}"
-  env = {**cli_env(data), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-         # Collectives can deadlock on 2 cores when CPU steps are dispatched asynchronously.
-         "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false"}
+def _run(tmp_path: Path, data: Path, method: str, devices: int, name: str | None = None
+         ) -> Path:
+  workdir = tmp_path / (name or f"{method}-{devices}")
+  env = {**cli_env(data), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   args = [f"{CONFIG}:{method}", f"--workdir={workdir}", *SHORT]
   if method != "dst":
     args.append("--config.sparse.update_every=4")
-  result = subprocess.run(cli_command(*args), cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+  result = subprocess.run([sys.executable, "-c", SYNCHRONOUS_CLI, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   return workdir
 
@@ -36,6 +43,15 @@ def _checkpoint(workdir: Path, step: int) -> list[np.ndarray]:
                           metadata)
     state = checkpointer.restore(path, target)
   return [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
+
+
+def _assert_alike(first: list[np.ndarray], second: list[np.ndarray]) -> None:
+  """Masks, counts and steps equal; floats equal to the rounding of another reduction order."""
+  for a, b in zip(first, second, strict=True):
+    if a.dtype == bool or np.issubdtype(a.dtype, np.integer):
+      np.testing.assert_array_equal(a, b)
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["rigl", "dst"])
@@ -55,11 +71,7 @@ def test_one_and_eight_devices_train_alike(data_dir, tmp_path, method):  # noqa:
   for step in (10, 20):
     leaves = {n: _checkpoint(d, step) for n, d in runs.items()}
     assert any(leaf.dtype == bool for leaf in leaves[1])
-    for a, b in zip(leaves[1], leaves[8], strict=True):
-      if a.dtype == bool or np.issubdtype(a.dtype, np.integer):
-        np.testing.assert_array_equal(a, b)
-      else:
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    _assert_alike(leaves[1], leaves[8])
   rows = {n: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
           for n, d in runs.items()}
   assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[8]]
@@ -68,3 +80,28 @@ def test_one_and_eight_devices_train_alike(data_dir, tmp_path, method):  # noqa:
     b = [r[key] for r in rows[8] if r.get(key) is not None]
     np.testing.assert_allclose(a, b, rtol=1e-4)
   assert one["test_accuracy"] == pytest.approx(eight["test_accuracy"], abs=1 / 64 + 1e-9)
+
+
+def test_a_run_checkpointed_on_eight_devices_resumes_on_two(data_dir, tmp_path):  # noqa: F811
+  """RigL on 8 devices loses its last checkpoint (step 20); the same command on 2 devices
+  restores step 10 onto its own mesh and ends like the uninterrupted run."""
+  whole = _run(tmp_path, data_dir, "rigl", 8, name="whole")
+  resumed = _run(tmp_path, data_dir, "rigl", 8, name="resumed")
+  (resumed / "summary.json").unlink()
+  shutil.rmtree(resumed / "checkpoints" / "20")
+  _run(tmp_path, data_dir, "rigl", 2, name="resumed")
+  summary = json.loads((resumed / "summary.json").read_text())
+  assert summary["devices"] == 2
+  _assert_alike(_checkpoint(whole, 20), _checkpoint(resumed, 20))
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_one_line(data_dir, tmp_path):  # noqa: F811
+  env = {**cli_env(data_dir), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  result = subprocess.run([sys.executable, "-c", SYNCHRONOUS_CLI, f"{CONFIG}:rigl",
+                           f"--workdir={tmp_path / 'run'}", *SHORT, "--config.batch_size=36"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1].endswith(
+      "config.batch_size (36) must be a multiple of the number of devices (8)")
+  assert not (tmp_path / "run").exists()
