@@ -1,0 +1,121 @@
+"""Data-parallel step time of RigL against dense on 1, 2, 4 and 8 devices.
+
+Run::
+
+  python benchmarks/scaling.py [--devices 1,2,4,8] [--repeats 7] [--calls 5]
+
+Each device count runs in its own process (``XLA_FLAGS=
+--xla_force_host_platform_device_count=N``; on a GPU machine, the real devices). The
+model is ``benchmarks/overhead.py``'s 784-1024-1024-1024-10 MLP with ``optax.adam(1e-3)``,
+global batch 256 split along a ``data`` mesh axis, params and optimizer state
+replicated, as the runner trains. Variants, timed interleaved in the process: dense;
+RigL's non-update step (``mask_update=False``, as the runner compiles it); RigL's
+update step (``update_every=1``). On one machine simulated devices share its cores, so
+the table shows the overhead of sparse training at each device count, not a speed-up:
+the ratios should stay flat. The last column is the bytes each device holds for
+params and optimizer state (replicated, so the same at every count).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import optax
+from overhead import MLP
+
+import sparsejax as sj
+
+
+def worker(repeats: int, calls: int) -> dict[str, float]:
+  """Times the variants on this process's devices; returns ratios, ms and bytes."""
+  jax.config.update("jax_cpu_enable_async_dispatch", False)  # collectives on 2 cores
+  mesh = Mesh(jax.devices(), ("data",))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  split = NamedSharding(mesh, PartitionSpec("data"))
+  model = MLP((1024, 1024, 1024, 10))
+  kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.device_put(jax.random.normal(kx, (256, 784)), split)
+  y = jax.device_put(jax.random.randint(ky, (256,), 0, 10), split)
+  params = jax.device_put(model.init(kp, x)["params"], replicated)
+
+  def make(tx, mask_update):
+    def step(params, state):
+      loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+          model.apply({"params": p}, x), y).mean()
+      extra = {} if mask_update is None else {"mask_update": mask_update}
+      updates, state = tx.update(jax.grad(loss)(params), state, params, **extra)
+      return optax.apply_updates(params, updates), state
+    fn = jax.jit(step, out_shardings=replicated, donate_argnums=(0, 1))
+    p = jax.tree.map(jnp.copy, params)
+    return [fn, p, jax.device_put(tx.init(p), replicated)]
+
+  rigl = dict(sparsity=0.9, distribution="erk", end_step=10**9)
+  variants = {"dense": make(optax.adam(1e-3), None),
+              "rigl": make(sj.rigl(optax.adam(1e-3), update_every=10**8, **rigl), False),
+              "rigl_update": make(sj.rigl(optax.adam(1e-3), update_every=1, **rigl), True)}
+  for v in variants.values():
+    for _ in range(3):
+      v[1], v[2] = v[0](v[1], v[2])
+    jax.block_until_ready(v[1])
+  ratios = {name: [] for name in variants}
+  ms = {name: [] for name in variants}
+  for _ in range(repeats):
+    for name, v in variants.items():
+      times = []
+      for _ in range(calls):
+        start = time.perf_counter()
+        v[1], v[2] = v[0](v[1], v[2])
+        jax.block_until_ready(v[1])
+        times.append(time.perf_counter() - start)
+      ms[name].append(1e3 * statistics.median(times))
+    for name in variants:
+      ratios[name].append(ms[name][-1] / ms["dense"][-1])
+  state_bytes = {name: sum(leaf.addressable_shards[0].data.nbytes
+                           for leaf in jax.tree.leaves((v[1], v[2])))
+                 for name, v in variants.items()}
+  return {"devices": jax.device_count(),
+          **{f"{n}_ratio": statistics.median(r) for n, r in ratios.items()},
+          **{f"{n}_ms": statistics.median(m) for n, m in ms.items()},
+          **{f"{n}_bytes": b for n, b in state_bytes.items()}}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs one worker process per device count and prints a Markdown table."""
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
+  parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median)")
+  parser.add_argument("--calls", type=int, default=5, help="timed steps per variant and round")
+  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.worker:
+    print(json.dumps(worker(args.repeats, args.calls)))
+    return
+  print(f"command: `python benchmarks/scaling.py --devices {args.devices} "
+        f"--repeats {args.repeats} --calls {args.calls}`")
+  print()
+  print("| devices | dense step (ms) | rigl non-update ÷ dense | rigl update ÷ dense "
+        "| params + state per device (MB): dense / rigl |")
+  print("|---|---:|---:|---:|---|")
+  for count in (int(c) for c in args.devices.split(",") if c):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
+    result = subprocess.run([sys.executable, __file__, "--worker", f"--repeats={args.repeats}",
+                             f"--calls={args.calls}"], env=env, capture_output=True, text=True,
+                            check=True)
+    r = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"| {r['devices']} | {r['dense_ms']:.2f} | {r['rigl_ratio']:.2f} "
+          f"| {r['rigl_update_ratio']:.2f} | {r['dense_bytes'] / 2**20:.1f} / "
+          f"{r['rigl_bytes'] / 2**20:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
