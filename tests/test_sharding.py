@@ -122,3 +122,10 @@ def test_the_readme_sharded_step_runs_on_eight_devices():
   sparsity, violations, sharding = result.stdout.strip().splitlines()[-1].split(" ", 2)
   assert (sparsity, violations) == ("0.9", "[]")
   assert sharding.startswith("NamedSharding(mesh=Mesh('data': 8") and "spec=P()" in sharding
+
+
+def test_several_processes_are_refused_with_one_line(monkeypatch):
+  from sparsejax.train import sharding
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match="multi-host runs are not supported yet"):
+    sharding.data_mesh()

@@ -20,7 +20,15 @@ DATA = "data"
 
 
 def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-  """A one-axis mesh, ``data``, over ``devices`` (default: every device of every process)."""
+  """A one-axis mesh, ``data``, over ``devices`` (default: every device of this process).
+
+  Raises:
+    ValueError: with several processes (``jax.distributed``), which the runner does not
+      support yet: its evaluation and files assume one process.
+  """
+  if jax.process_count() > 1:
+    raise ValueError(f"the runner trains on the devices of one process; this is one of "
+                     f"{jax.process_count()} (multi-host runs are not supported yet)")
   return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA,))
 
 
