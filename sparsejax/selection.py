@@ -66,14 +66,14 @@ def _layout(scores: list[jax.Array], eligible: list[jax.Array | None], segments:
     key = jnp.where(ok, sortable_key(scores[i].reshape(-1)), jnp.uint32(0))
     padding = rows * _COLUMNS - n  # padded entries: key 0, never chosen
     keys.append(jnp.pad(key, (0, padding)).reshape(rows, _COLUMNS))
-    row_segments.append(jnp.full((rows,), segments[i], jnp.int32))
+    row_segments.append(np.full((rows,), segments[i], np.int32))  # static
   sizes: dict[int, int] = {}
   for i in order:
     sizes[segments[i]] = sizes.get(segments[i], 0) + scores[i].size
   if max(sizes.values()) >= 2**31 - len(scores) * _ROW_GROUP * _COLUMNS:  # int32, padded
     raise ValueError(f"top_k_masks supports under 2**31 entries per segment, got "
                      f"{max(sizes.values())}")
-  return jnp.concatenate(keys), jnp.concatenate(row_segments), starts
+  return jnp.concatenate(keys), jnp.asarray(np.concatenate(row_segments)), starts
 
 
 def _per_segment(flags: jax.Array, group_segment: jax.Array, count: int) -> jax.Array:
