@@ -25,13 +25,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import optax
-from overhead import MLP
+from overhead import MLP, Variant
 
 import sparsejax as sj
 
@@ -48,41 +46,30 @@ def worker(repeats: int, calls: int) -> dict[str, float]:
   y = jax.device_put(jax.random.randint(ky, (256,), 0, 10), split)
   params = jax.device_put(model.init(kp, x)["params"], replicated)
 
-  def make(tx, mask_update):
-    def step(params, state):
-      loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
-          model.apply({"params": p}, x), y).mean()
-      extra = {} if mask_update is None else {"mask_update": mask_update}
-      updates, state = tx.update(jax.grad(loss)(params), state, params, **extra)
-      return optax.apply_updates(params, updates), state
-    fn = jax.jit(step, out_shardings=replicated, donate_argnums=(0, 1))
-    p = jax.tree.map(jnp.copy, params)
-    return [fn, p, jax.device_put(tx.init(p), replicated)]
-
   rigl = dict(sparsity=0.9, distribution="erk", end_step=10**9)
-  variants = {"dense": make(optax.adam(1e-3), None),
-              "rigl": make(sj.rigl(optax.adam(1e-3), update_every=10**8, **rigl), False),
-              "rigl_update": make(sj.rigl(optax.adam(1e-3), update_every=1, **rigl), True)}
-  for v in variants.values():
+  variants = [Variant("dense", "train", model, optax.adam(1e-3), params, x, y),
+              Variant("rigl", "train", model,
+                      sj.rigl(optax.adam(1e-3), update_every=10**8, **rigl), params, x, y,
+                      mask_update=False),
+              Variant("rigl_update", "update", model,
+                      sj.rigl(optax.adam(1e-3), update_every=1, **rigl), params, x, y,
+                      mask_update=True)]
+  for v in variants:
     for _ in range(3):
-      v[1], v[2] = v[0](v[1], v[2])
-    jax.block_until_ready(v[1])
-  ratios = {name: [] for name in variants}
-  ms = {name: [] for name in variants}
+      v.call(timed=False)
+    # The runner's layout: a step of replicated params and state keeps them replicated.
+    assert all(leaf.sharding.is_fully_replicated
+               for leaf in jax.tree.leaves((v.params, v.opt_state))), v.name
+  ratios: dict[str, list[float]] = {v.name: [] for v in variants}
   for _ in range(repeats):
-    for name, v in variants.items():
-      times = []
-      for _ in range(calls):
-        start = time.perf_counter()
-        v[1], v[2] = v[0](v[1], v[2])
-        jax.block_until_ready(v[1])
-        times.append(time.perf_counter() - start)
-      ms[name].append(1e3 * statistics.median(times))
-    for name in variants:
-      ratios[name].append(ms[name][-1] / ms["dense"][-1])
-  state_bytes = {name: sum(leaf.addressable_shards[0].data.nbytes
-                           for leaf in jax.tree.leaves((v[1], v[2])))
-                 for name, v in variants.items()}
+    for v in variants:
+      v.round_ms.append(statistics.median(v.call() for _ in range(calls)))
+    for v in variants:
+      ratios[v.name].append(v.round_ms[-1] / variants[0].round_ms[-1])
+  state_bytes = {v.name: sum(leaf.addressable_shards[0].data.nbytes
+                             for leaf in jax.tree.leaves((v.params, v.opt_state)))
+                 for v in variants}
+  ms = {v.name: v.round_ms for v in variants}
   return {"devices": jax.device_count(),
           **{f"{n}_ratio": statistics.median(r) for n, r in ratios.items()},
           **{f"{n}_ms": statistics.median(m) for n, m in ms.items()},
