@@ -226,11 +226,20 @@ RESUME = ["--config.num_steps=400", "--config.batch_size=32", "--config.eval_bat
           "--config.sparse.update_every=20"]
 
 
-def _final_params(run: Path) -> list[np.ndarray]:
-  step = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+def checkpoint_leaves(run: Path, step: int | None = None) -> list[np.ndarray]:
+  """The leaves of a run's checkpoint (default: the newest), restored onto this
+  process's one device whatever the devices that saved it."""
+  if step is None:
+    step = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+  path = (run / "checkpoints" / str(step) / "state").resolve()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as checkpointer:
-    state = checkpointer.restore((run / "checkpoints" / str(step) / "state").resolve())
-  return jax.tree.leaves(state)
+    metadata = checkpointer.metadata(path)
+    metadata = getattr(metadata, "item_metadata", metadata)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          metadata)
+    state = checkpointer.restore(path, target)
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
 
 
 def _kill_when(process: subprocess.Popen, ready, timeout: float = 240.0) -> bool:
@@ -291,7 +300,7 @@ def test_sigkill_and_restart_ends_bit_identical(data_dir, tmp_path):
   assert not _writing_checkpoint(killed), "the unfinished checkpoints were not cleaned up"
 
   assert (reference / "metrics.jsonl").read_bytes() == (killed / "metrics.jsonl").read_bytes()
-  for a, b in zip(_final_params(reference), _final_params(killed), strict=True):
+  for a, b in zip(checkpoint_leaves(reference), checkpoint_leaves(killed), strict=True):
     np.testing.assert_array_equal(a, b)
   summaries = [json.loads((run / "summary.json").read_text()) for run in (reference, killed)]
   for key in ("test_accuracy", "test_loss", "train_loss", "sparsity", "coverage", "layers"):

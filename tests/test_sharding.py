@@ -8,9 +8,8 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from test_cli import CONFIG, ROOT, SHORT, cli_env, data_dir  # noqa: F401
+from test_cli import CONFIG, ROOT, SHORT, checkpoint_leaves, cli_env, data_dir  # noqa: F401
 
 # ``python -m experiments.train ARGS`` with CPU steps dispatched synchronously: on this
 # 2-core machine collectives can deadlock under asynchronous dispatch (a test setting,
@@ -30,19 +29,6 @@ def _run(tmp_path: Path, data: Path, method: str, devices: int, name: str | None
                           capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   return workdir
-
-
-def _checkpoint(workdir: Path, step: int) -> list[np.ndarray]:
-  """The leaves of a checkpoint, restored onto this process's one device."""
-  path = (workdir / "checkpoints" / str(step) / "state").resolve()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(path)
-    metadata = getattr(metadata, "item_metadata", metadata)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          metadata)
-    state = checkpointer.restore(path, target)
-  return [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
 
 
 def _assert_alike(first: list[np.ndarray], second: list[np.ndarray]) -> None:
@@ -69,7 +55,7 @@ def test_one_and_eight_devices_train_alike(data_dir, tmp_path, method):  # noqa:
   if method == "rigl":
     assert one["coverage"] > 1 - one["sparsity"] + 0.01  # the masks did change
   for step in (10, 20):
-    leaves = {n: _checkpoint(d, step) for n, d in runs.items()}
+    leaves = {n: checkpoint_leaves(d, step) for n, d in runs.items()}
     assert any(leaf.dtype == bool for leaf in leaves[1])
     _assert_alike(leaves[1], leaves[8])
   rows = {n: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
@@ -92,7 +78,7 @@ def test_a_run_checkpointed_on_eight_devices_resumes_on_two(data_dir, tmp_path):
   _run(tmp_path, data_dir, "rigl", 2, name="resumed")
   summary = json.loads((resumed / "summary.json").read_text())
   assert summary["devices"] == 2
-  _assert_alike(_checkpoint(whole, 20), _checkpoint(resumed, 20))
+  _assert_alike(checkpoint_leaves(whole, 20), checkpoint_leaves(resumed, 20))
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_one_line(data_dir, tmp_path):  # noqa: F811
