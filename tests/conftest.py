@@ -115,8 +115,13 @@ def pytest_configure(config):
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def primitive_names(jaxpr) -> list[str]:
+  """The primitives of a jaxpr's equations, those of nested jaxprs included."""
+  return [eqn.primitive.name for eqn in jaxpr.eqns] + [
+      name for eqn in jaxpr.eqns for sub in jax.extend.core.jaxprs_in_params(eqn.params)
+      for name in primitive_names(sub)]
+
+
 def loop_count(jaxpr) -> int:
   """Number of loops (while, scan) in a jaxpr, nested ones included."""
-  return sum((eqn.primitive.name in ("while", "scan"))
-             + sum(loop_count(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
-             for eqn in jaxpr.eqns)
+  return sum(name in ("while", "scan") for name in primitive_names(jaxpr))
