@@ -2,7 +2,8 @@ r"""Trains sparse (and dense) models from an ml_collections config and prints a 
 
   python -m experiments.train --config=experiments/configs/fashion_mnist.py:rigl \
       [--config.sparse.sparsity=0.95] [--workdir=runs/rigl] [--dense_baseline] \
-      [--methods=dense,static,set,rigl,gmp] [--seeds=0,1,2] [--validate_only]
+      [--methods=dense,static,set,rigl,gmp] [--seeds=0,1,2] [--validate_only] \
+      [--distributed [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]]
 
 The configured method runs (``--methods``: each of them, keeping the keys of
 ``config.sparse`` a method accepts; ``--dense_baseline``: "dense" too), once per seed
@@ -21,6 +22,13 @@ resolved config as JSON and exits 0.
 Every run is validated and built before the first one trains: a bad config, or a DIR
 holding a run of another config, prints one line and exits with status 2 (nothing on
 disk is touched); a missing dataset, or a DIR that cannot be written, exits with 1.
+
+Multi-host: ``--distributed`` (or ``JAX_COORDINATOR_ADDRESS`` in the environment) starts
+``jax.distributed`` before anything else; on Cloud TPU, SLURM, Open MPI and Kubernetes
+JAX finds the processes itself, elsewhere give ``--coordinator_address``,
+``--num_processes`` and ``--process_id``. Every process runs the same command; each
+reads its own rows of every batch, all write the checkpoints (orbax), and only process
+0 writes the other files and prints the table.
 """
 
 from __future__ import annotations
@@ -32,12 +40,14 @@ from pathlib import Path
 import sys
 
 from absl import app, flags, logging
+import jax
 import ml_collections
 from ml_collections import config_flags
 
 from experiments.cli import fail, flag_error_line
 from experiments.report import markdown_table
 from sparsejax import train as train_lib
+from sparsejax.train.sharding import is_primary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -51,6 +61,15 @@ _VALIDATE_ONLY = flags.DEFINE_bool("validate_only", False, "Validate the config(
                                    "and optimizer without data or disk, print them, exit.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (DIR/<method> for several runs): "
                                "checkpoints, metrics.jsonl, TensorBoard, summary.json.")
+
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Start jax.distributed (multi-host); "
+                                 "implied by the three flags below or JAX_COORDINATOR_ADDRESS.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 "
+                                   "(jax.distributed; default: detected from the cluster).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run "
+                                      "(jax.distributed; default: detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index "
+                                   "(jax.distributed; default: detected).")
 
 CONFIG_ERROR = 2
 DATA_ERROR = 1
@@ -138,6 +157,21 @@ def with_seed(config: ml_collections.ConfigDict, seed: int | None) -> ml_collect
   return config
 
 
+def start_distributed() -> None:
+  """Starts ``jax.distributed`` when the flags or the environment ask for it.
+
+  Exits with status 2 and one line when JAX cannot find the processes.
+  """
+  given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if not (_DISTRIBUTED.value or any(v is not None for v in given)
+          or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    return
+  try:
+    jax.distributed.initialize(*given)
+  except (ValueError, RuntimeError) as e:
+    fail(f"--distributed: {str(e).strip().splitlines()[0]}", CONFIG_ERROR)
+
+
 def _loaded_config() -> ml_collections.ConfigDict:
   config = _CONFIG.value
   if config is None:
@@ -156,6 +190,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO
     logging.set_verbosity(logging.WARNING)
+  start_distributed()
   config = _loaded_config()
   try:
     seeds = parse_seeds(_SEEDS.value, sys.argv)
@@ -195,11 +230,13 @@ def main(argv: Sequence[str]) -> None:
       except OSError as e:
         fail(f"--workdir: {e}", OUTPUT_ERROR)
   summaries = []
+  primary = is_primary()
   for experiment, directory in zip(experiments, directories):
     summaries.append(train_lib.run(experiment, directory))
-    if directory is not None:
+    if directory is not None and primary:
       print(f"wrote {directory}", file=sys.stderr, flush=True)
-  print(markdown_table(summaries), flush=True)
+  if primary:
+    print(markdown_table(summaries), flush=True)
 
 
 if __name__ == "__main__":

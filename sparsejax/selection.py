@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SIGN_BIT = jnp.uint32(0x80000000)
+_SIGN_BIT = np.uint32(0x80000000)  # numpy: importing must not start a JAX backend
 _COLUMNS = 128  # counts run over a [rows, 128] layout
 _ROW_GROUP = 8  # every array's rows padded to a multiple: counts sum 8 rows as uint8 first
 

@@ -1,34 +1,64 @@
-"""Data-parallel runs: the same CLI command on 1 and on 8 (simulated) devices agrees."""
+"""Sharded runs: the same CLI command on 1 device, 8 (simulated) devices, a 2 × 4 mesh with
+leaves split along ``model``, and two ``jax.distributed`` processes trains alike."""
 
 import json
 from pathlib import Path
 import shutil
+import socket
 import subprocess
 import sys
 
-import jax
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 from test_cli import CONFIG, ROOT, SHORT, checkpoint_leaves, cli_env, data_dir  # noqa: F401
+
+from sparsejax.train.sharding import leaf_sharding, make_mesh
 
 # ``python -m experiments.train ARGS`` with CPU steps dispatched synchronously: on this
 # 2-core machine collectives can deadlock under asynchronous dispatch (a test setting,
 # not the library's).
 SYNCHRONOUS_CLI = ("import jax, runpy; jax.config.update('jax_cpu_enable_async_dispatch', False); "
                    "runpy.run_module('experiments.train', run_name='__main__', alter_sys=True)")
+# A checkpoint at every mask update (RigL updates every 4 steps here): masks compared at each.
+EVERY_UPDATE = ["--config.sparse.update_every=4", "--config.checkpoint_every=4",
+                "--config.keep_checkpoints=5"]
+UPDATES = (4, 8, 12, 16, 20)
+FSDP = ["--config.mesh.model=4", "--config.mesh.min_shard_size=1024"]
 
 
-def _run(tmp_path: Path, data: Path, method: str, devices: int, name: str | None = None
-         ) -> Path:
-  workdir = tmp_path / (name or f"{method}-{devices}")
+def _command(tmp: Path, data: Path, method: str, devices: int, name: str,
+             extra: tuple[str, ...]) -> tuple[list[str], dict[str, str], Path]:
+  workdir = tmp / name
   env = {**cli_env(data), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  args = [f"{CONFIG}:{method}", f"--workdir={workdir}", *SHORT]
-  if method != "dst":
-    args.append("--config.sparse.update_every=4")
-  result = subprocess.run([sys.executable, "-c", SYNCHRONOUS_CLI, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+  args = [f"{CONFIG}:{method}", f"--workdir={workdir}", *SHORT, *EVERY_UPDATE, *extra]
+  if method == "dst":  # DST has no update schedule
+    args.remove("--config.sparse.update_every=4")
+  return [sys.executable, "-c", SYNCHRONOUS_CLI, *args], env, workdir
+
+
+def _run(tmp: Path, data: Path, method: str, devices: int, name: str,
+         extra: tuple[str, ...] = ()) -> Path:
+  command, env, workdir = _command(tmp, data, method, devices, name, extra)
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   return workdir
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):  # noqa: F811
+  """``runs(method, devices, *flags)``: the run directory of that command, run once per module."""
+  tmp, done = tmp_path_factory.mktemp("runs"), {}
+
+  def get(method: str, devices: int, *extra: str) -> Path:
+    key = (method, devices, *extra)
+    if key not in done:
+      done[key] = _run(tmp, data_dir, method, devices, f"run{len(done)}", extra)
+    return done[key]
+
+  return get
 
 
 def _assert_alike(first: list[np.ndarray], second: list[np.ndarray]) -> None:
@@ -40,45 +70,90 @@ def _assert_alike(first: list[np.ndarray], second: list[np.ndarray]) -> None:
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["rigl", "dst"])
-def test_one_and_eight_devices_train_alike(data_dir, tmp_path, method):  # noqa: F811
-  """Global batch 32 on 1 device and split over 8: the same masks in both checkpoints
-  (steps 10 and 20; RigL updates at 4, 8 and 12), the same weights-ever-active, and
-  params, optimizer state and losses to float rounding; the summary records the mesh."""
-  runs = {n: _run(tmp_path, data_dir, method, n) for n in (1, 8)}
-  summaries = {n: json.loads((d / "summary.json").read_text()) for n, d in runs.items()}
-  assert summaries[1]["devices"] == 1 and summaries[1]["mesh"] == {"data": 1}
-  assert summaries[8]["devices"] == 8 and summaries[8]["mesh"] == {"data": 8}
-  one, eight = summaries[1], summaries[8]
-  assert one["layers"] == eight["layers"] and one["coverage"] == eight["coverage"]
-  assert one["sparsity"] == eight["sparsity"]
+def _assert_same_training(one: Path, other: Path, method: str) -> None:
+  """The same masks at every update (and every state leaf alike), the same per-layer
+  sparsity and coverage, and losses and accuracy to float rounding."""
+  summaries = [json.loads((run / "summary.json").read_text()) for run in (one, other)]
+  first, second = summaries
+  assert first["layers"] == second["layers"] and first["coverage"] == second["coverage"]
+  assert first["sparsity"] == second["sparsity"]
   if method == "rigl":
-    assert one["coverage"] > 1 - one["sparsity"] + 0.01  # the masks did change
-  for step in (10, 20):
-    leaves = {n: checkpoint_leaves(d, step) for n, d in runs.items()}
-    assert any(leaf.dtype == bool for leaf in leaves[1])
-    _assert_alike(leaves[1], leaves[8])
-  rows = {n: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-          for n, d in runs.items()}
-  assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[8]]
+    assert first["coverage"] > 1 - first["sparsity"] + 0.01  # the masks did change
+  for step in UPDATES:
+    leaves = [checkpoint_leaves(run, step) for run in (one, other)]
+    assert any(leaf.dtype == bool for leaf in leaves[0])
+    _assert_alike(*leaves)
+  rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+          for run in (one, other)]
+  assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]  # one writer
   for key in ("train_loss", "test_loss"):
-    a = [r[key] for r in rows[1] if r.get(key) is not None]
-    b = [r[key] for r in rows[8] if r.get(key) is not None]
+    a, b = ([r[key] for r in run_rows if r.get(key) is not None] for run_rows in rows)
     np.testing.assert_allclose(a, b, rtol=1e-4)
-  assert one["test_accuracy"] == pytest.approx(eight["test_accuracy"], abs=1 / 64 + 1e-9)
+  assert first["test_accuracy"] == pytest.approx(second["test_accuracy"], abs=1 / 64 + 1e-9)
 
 
-def test_a_run_checkpointed_on_eight_devices_resumes_on_two(data_dir, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("method", ["rigl", "dst"])
+def test_one_and_eight_devices_train_alike(runs, method):
+  """Global batch 32 on 1 device and split over 8: the same training (masks compared at
+  every RigL update); the summary records the mesh and the state replicated."""
+  one, eight = runs(method, 1), runs(method, 8)
+  _assert_same_training(one, eight, method)
+  summaries = {n: json.loads((d / "summary.json").read_text()) for n, d in ((1, one), (8, eight))}
+  assert summaries[1]["mesh"] == {"data": 1, "model": 1} and summaries[1]["devices"] == 1
+  assert summaries[8]["mesh"] == {"data": 8, "model": 1} and summaries[8]["devices"] == 8
+  assert summaries[1]["state_bytes_per_device"] == summaries[8]["state_bytes_per_device"]
+
+
+@pytest.mark.parametrize("method", ["rigl", "dst"])
+def test_leaves_sharded_along_model_train_like_one_device(runs, method):
+  """A 2 × 4 mesh with every array of >= 1024 entries split along ``model``: the
+  selection runs on split masks and scores and still picks exactly what one device
+  picks; each device holds about a quarter of the state (its large arrays)."""
+  one, sharded = runs(method, 1), runs(method, 8, *FSDP)
+  _assert_same_training(one, sharded, method)
+  summary = json.loads((sharded / "summary.json").read_text())
+  assert summary["mesh"] == {"data": 2, "model": 4}
+  replicated = json.loads((one / "summary.json").read_text())["state_bytes_per_device"]
+  assert summary["state_bytes_per_device"] < 0.3 * replicated
+
+
+def test_a_run_checkpointed_on_eight_devices_resumes_on_two(runs, data_dir, tmp_path):  # noqa: F811
   """RigL on 8 devices loses its last checkpoint (step 20); the same command on 2 devices
-  restores step 10 onto its own mesh and ends like the uninterrupted run."""
-  whole = _run(tmp_path, data_dir, "rigl", 8, name="whole")
-  resumed = _run(tmp_path, data_dir, "rigl", 8, name="resumed")
+  restores step 16 onto its own mesh and ends like the uninterrupted run."""
+  whole = runs("rigl", 8)
+  resumed = tmp_path / "resumed"
+  shutil.copytree(whole, resumed)
   (resumed / "summary.json").unlink()
   shutil.rmtree(resumed / "checkpoints" / "20")
-  _run(tmp_path, data_dir, "rigl", 2, name="resumed")
+  _run(tmp_path, data_dir, "rigl", 2, "resumed")
   summary = json.loads((resumed / "summary.json").read_text())
   assert summary["devices"] == 2
   _assert_alike(checkpoint_leaves(whole, 20), checkpoint_leaves(resumed, 20))
+
+
+def test_two_processes_with_jax_distributed_train_like_one(runs, data_dir, tmp_path):  # noqa: F811
+  """Two processes on this machine (``jax.distributed``, a localhost coordinator, 2
+  devices each, large leaves split along ``model``): each reads half of every batch,
+  only process 0 writes metrics and summary, all write the checkpoints, and the run
+  trains like one process on one device."""
+  with socket.socket() as probe:
+    probe.bind(("localhost", 0))
+    port = probe.getsockname()[1]
+  processes = []
+  for index in range(2):
+    command, env, workdir = _command(
+        tmp_path, data_dir, "rigl", 2, "two", ("--config.mesh.model=2", "--config.mesh.min_shard_size=1024",
+                                     f"--coordinator_address=localhost:{port}",
+                                     "--num_processes=2", f"--process_id={index}"))
+    processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+  outputs = [process.communicate(timeout=300) for process in processes]
+  for process, (_, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-2000:]
+  assert "| rigl |" in outputs[0][0] and "| rigl |" not in outputs[1][0]  # one table
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["processes"] == 2 and summary["mesh"] == {"data": 2, "model": 2}
+  _assert_same_training(runs("rigl", 1), workdir, "rigl")
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_one_line(data_dir, tmp_path):  # noqa: F811
@@ -110,8 +185,35 @@ def test_the_readme_sharded_step_runs_on_eight_devices():
   assert sharding.startswith("NamedSharding(mesh=Mesh('data': 8") and "spec=P()" in sharding
 
 
-def test_several_processes_are_refused_with_one_line(monkeypatch):
-  from sparsejax.train import sharding
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  with pytest.raises(ValueError, match="multi-host runs are not supported yet"):
-    sharding.data_mesh()
+def test_the_sharding_rule_depends_on_the_shape_alone():
+  """Large arrays split along ``model`` on their largest dimension the axis divides, so a
+  param, its mask and its optimizer moments split alike; small or indivisible ones stay
+  whole."""
+  mesh = AbstractMesh((2, 4), ("data", "model"))
+  spec = lambda shape, min_size=1024: leaf_sharding(shape, mesh, min_size).spec  # noqa: E731
+  assert spec((784, 300)) == P("model")
+  assert spec((300, 100)) == P("model")  # 300 is the larger of the two divisible ones
+  assert spec((3, 3, 64, 128)) == P(None, None, None, "model")
+  assert spec((3, 5, 7, 11, 13)) == P()  # no dimension splits in four
+  assert spec((300,)) == P()  # under min_size
+  assert spec((300,), min_size=300) == P("model")
+  one_way = AbstractMesh((8, 1), ("data", "model"))
+  assert leaf_sharding((784, 300), one_way, 1).spec == P()
+
+
+def test_a_model_axis_that_does_not_divide_the_devices_is_one_line():
+  with pytest.raises(ValueError, match=r"^config.mesh.model \(3\) must divide the number of "
+                     r"devices \(1\)$"):
+    make_mesh(3)
+
+
+def test_importing_sparsejax_starts_no_jax_backend():
+  """``jax.distributed.initialize()`` must come before any backend starts: importing the
+  library, the runner or the report (as a multi-host program does first) starts none."""
+  code = ("import sparsejax, sparsejax.nn, sparsejax.train, experiments.train, "
+          "experiments.report\nfrom jax._src import xla_bridge\n"
+          "print(xla_bridge.backends_are_initialized())")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=True, env={"JAX_PLATFORMS": "cpu",
+                                                        "PATH": "/usr/bin:/bin"})
+  assert result.stdout.strip() == "False"

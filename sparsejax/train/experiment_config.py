@@ -72,6 +72,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.num_steps <= 0:
     _check_at_least(config, "num_epochs", 1)
   _check_at_least(config, "seed", 0)
+  _check_at_least(config.mesh, "model", 1, "mesh.")
+  _check_at_least(config.mesh, "min_shard_size", 1, "mesh.")
   fraction = config.sparse_end_fraction
   _check(0 < fraction <= 1, "sparse_end_fraction", f"must be in (0, 1], got {fraction!r}")
   for key in ("eval_every", "checkpoint_every"):

@@ -55,18 +55,22 @@ class MetricsWriter:
     directory: the run directory.
     resume_step: rows with a larger step are dropped (the run restarts there).
     tensorboard: also write TensorBoard event files (``directory/tensorboard``).
+    write: False only reads the kept rows and remembers the rows given, writing
+      nothing (every process but the first of a multi-host run).
   """
 
   def __init__(self, directory: str | os.PathLike[str], resume_step: int = 0,
-               tensorboard: bool = True):
+               tensorboard: bool = True, write: bool = True):
     self._path = Path(directory) / METRICS_FILE
     kept = [row for row in read_rows(self._path) if row.get("step", math.inf) <= resume_step]
+    self._last = kept[-1] if kept else None
+    self._file = self._tensorboard = None
+    if not write:
+      return
     temporary = self._path.with_suffix(".jsonl.tmp")
     temporary.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in kept))
     temporary.replace(self._path)
-    self._last = kept[-1] if kept else None
     self._file = self._path.open("a")
-    self._tensorboard = None
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tensorboard = SummaryWriter(os.fspath(Path(directory) / TENSORBOARD_DIR),
@@ -79,6 +83,8 @@ class MetricsWriter:
   def write(self, row: dict[str, Any]) -> None:
     """Appends one row (``row["step"]`` is its step) and flushes it."""
     row = self._last = plain(row)
+    if self._file is None:
+      return
     self._file.write(json.dumps(row, allow_nan=False) + "\n")
     self._file.flush()
     if self._tensorboard is not None:
@@ -86,7 +92,8 @@ class MetricsWriter:
         self._tensorboard.add_scalar(name, value, row["step"])
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tensorboard is not None:
       self._tensorboard.close()
 

@@ -74,7 +74,7 @@ class Experiment(NamedTuple):
   positions: Mapping[str, int]  # kernel output positions per example (FLOPs)
   dense_flops: float  # forward FLOPs per example of the dense model
   learning_rate: optax.Schedule
-  mesh: jax.sharding.Mesh  # every device on the ``data`` axis; the state is replicated
+  mesh: jax.sharding.Mesh  # every device, ``data`` × ``model`` (:mod:`.sharding`)
 
   @property
   def method(self) -> str:
@@ -269,7 +269,7 @@ def setup(config: ml_collections.ConfigDict, data: tuple[Any, Any] | None = None
     FileNotFoundError: when the dataset is not found.
   """
   cfg.validate_config(config)
-  mesh = sharding.data_mesh()
+  mesh = sharding.make_mesh(config.mesh.model)
   sharding.check_divisible("batch_size", config.batch_size, mesh)
   sharding.check_divisible("eval_batch_size", config.eval_batch_size, mesh)
   train_source, test_source = data if data is not None else load_data(config)
@@ -288,9 +288,9 @@ def setup(config: ml_collections.ConfigDict, data: tuple[Any, Any] | None = None
               **method_variables(sparse["method"], state.opt_state)}, sample, train=False)
   _, dense_flops = flops.forward_flops(state.params, None, positions)
   schedule = learning_rate_schedule(config.optimizer, per_epoch, num_steps)
-  return Experiment(_resolved(config, sparse), model, tx, sharding.replicate(state, mesh),
-                    pipeline, test_source, num_steps, per_epoch, positions, dense_flops,
-                    schedule, mesh)
+  state = sharding.place(state, sharding.state_shardings(state, mesh, config.mesh.min_shard_size))
+  return Experiment(_resolved(config, sparse), model, tx, state, pipeline, test_source,
+                    num_steps, per_epoch, positions, dense_flops, schedule, mesh)
 
 
 def _apply(model: nn.Module, params: Any, model_state: Any, images: jax.Array, train: bool,
@@ -351,8 +351,9 @@ def make_train_step(experiment: Experiment, with_statistics: bool = False,
                                  experiment.positions)
     return TrainState(state.step + 1, params, model_state, opt_state, tracker)
 
-  # The state stays replicated; a batch sharded along ``data`` splits the work.
-  return jax.jit(train_step, donate_argnums=0, out_shardings=sharding.replicated(experiment.mesh))
+  # The state keeps its shardings; a batch split over the devices splits the work.
+  state_shardings = jax.tree.map(lambda x: x.sharding, experiment.state)
+  return jax.jit(train_step, donate_argnums=0, out_shardings=state_shardings)
 
 
 def train_steps(experiment: Experiment) -> Callable[[int], Callable[[TrainState, Any], TrainState]]:
@@ -394,7 +395,7 @@ def make_evaluate(experiment: Experiment) -> Callable[[TrainState], tuple[float,
   def evaluate(state: TrainState) -> tuple[float, float]:
     loss, correct, count = jnp.zeros(()), jnp.zeros((), jnp.int32), 0
     for batch in eval_batches(experiment.test, size, pipeline.mean, pipeline.std):
-      images, labels, valid = sharding.shard_batch(batch, experiment.mesh)
+      images, labels, valid = sharding.shard_batch(sharding.process_rows(batch), experiment.mesh)
       batch_loss, batch_correct = batch_sums(state, images, labels, valid)
       loss, correct, count = loss + batch_loss, correct + batch_correct, count + int(batch[2].sum())
     return float(loss) / count, int(correct) / count
@@ -424,25 +425,27 @@ def run(experiment: Experiment, workdir: str | os.PathLike[str] | None = None,
   # A copy: the train step donates its input, and the experiment may be run again.
   state, totals = jax.tree.map(jnp.copy, experiment.state), records.Totals()
   checkpointer = writer = None
+  primary = sharding.is_primary()  # the process that writes files (orbax: all of them)
   if workdir is not None:
     check_workdir(workdir, config)
-    write_config(workdir, config)
+    if primary:
+      write_config(workdir, config)
     checkpointer = Checkpointer(Path(workdir) / CHECKPOINT_DIR, config.keep_checkpoints)
     restored = checkpointer.restore(state)
     if restored is not None:
       state, record = restored
       totals = records.Totals(**record["totals"])
-    writer = MetricsWriter(workdir, resume_step=int(state.step))
+    writer = MetricsWriter(workdir, resume_step=int(state.step), write=primary)
   try:
     state, totals, last_row = _train(experiment, state, totals, checkpointer, writer,
-                                     show_progress)
+                                     show_progress and primary)
   finally:
     if writer is not None:
       writer.close()
     if checkpointer is not None:
       checkpointer.close()
   summary = records.summary(experiment, state, last_row, time.perf_counter() - start_time)
-  if workdir is not None:
+  if workdir is not None and primary:
     write_summary(workdir, summary)
   return summary
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 # Keys that do not change what a run trains: runs differing only here are one group.
 NOT_GROUPED = (("seed",), ("sparse", "seed"), ("data", "data_dir"), ("data", "download"),
                ("log_every",), ("eval_every",), ("checkpoint_every",), ("keep_checkpoints",),
-               ("eval_batch_size",))
+               ("eval_batch_size",), ("mesh",))
 
 
 def group_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,14 +120,15 @@ def track_step(tracker: Tracker, loss: jax.Array, old_opt_state: optax.OptState,
 def flush(state: TrainState, totals: Totals, batch_size: int) -> tuple[TrainState, Totals]:
   """Moves the device FLOPs accumulator into the host totals (float64)."""
   totals = Totals(totals.train_flops + float(state.tracker.flops) * batch_size)
+  # ``zeros_like``: keeps the array's (global) sharding, as a checkpoint of several hosts needs.
   return state._replace(tracker=state.tracker._replace(
-      flops=jnp.zeros((), jnp.float32))), totals
+      flops=jnp.zeros_like(state.tracker.flops))), totals
 
 
 def start_next_row(state: TrainState, evaluated: bool) -> TrainState:
   """Resets the running loss after a logged row (and the churn reference after an evaluation)."""
-  tracker = state.tracker._replace(loss_sum=jnp.zeros((), jnp.float32),
-                                   loss_count=jnp.zeros((), jnp.int32))
+  tracker = state.tracker._replace(loss_sum=jnp.zeros_like(state.tracker.loss_sum),
+                                   loss_count=jnp.zeros_like(state.tracker.loss_count))
   if evaluated:
     tracker = tracker._replace(eval_masks=jax.tree.map(jnp.copy, state_masks(state.opt_state)))
   return state._replace(tracker=tracker)
@@ -176,7 +177,7 @@ def summary(experiment: Experiment, state: TrainState, last_row: dict[str, Any],
       "train_flops_ratio": last_row["train_flops"] / last_row["train_flops_dense"],
       "inference_flops_ratio": last_row["inference_flops"] / last_row["inference_flops_dense"],
       "coverage": last_row.get("coverage"), "layers": last_row["layers"],
-      **sharding.describe(experiment.mesh),
+      **sharding.describe(experiment.mesh, (state.params, state.model_state, state.opt_state)),
       # Runs with the same group are repeats of one experiment (seeds aside).
       "group": group_config(config.to_dict()),
   }

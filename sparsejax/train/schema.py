@@ -67,6 +67,11 @@ def experiment_schema(sparse: ml_collections.ConfigDict | None = None
   config.eval_every = PER_EPOCH  # steps between evaluations; -1 = once per epoch
   config.checkpoint_every = PER_EPOCH  # steps between checkpoints; -1 = once per epoch
   config.keep_checkpoints = 3
+  # Where the state lives (not what is trained: a run may resume on another mesh).
+  config.mesh = ml_collections.ConfigDict({
+      "model": 1,  # devices along the ``model`` axis; > 1 splits large state arrays (FSDP)
+      "min_shard_size": 2**16,  # arrays with fewer elements stay replicated
+  })
   return config
 
 

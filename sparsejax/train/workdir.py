@@ -19,6 +19,7 @@ from sparsejax.train.logs import plain
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
+RESUMABLE_ELSEWHERE = "mesh"  # the config section a run may change when it resumes
 
 
 def check_workdir(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict) -> None:
@@ -32,6 +33,8 @@ def check_workdir(workdir: str | os.PathLike[str], config: ml_collections.Config
   if not path.exists():
     return
   saved, current = json.loads(path.read_text()), json.loads(config.to_json_best_effort())
+  for run in (saved, current):  # where the state lives is not what is trained
+    run.pop(RESUMABLE_ELSEWHERE, None)
   difference = _first_difference(saved, current)
   if difference is not None:
     key, old, new = difference
@@ -52,9 +55,16 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, A
 def write_config(workdir: str | os.PathLike[str], config: ml_collections.ConfigDict) -> None:
   """Creates ``workdir`` and writes ``config.json`` (checked by :func:`check_workdir` first)."""
   Path(workdir).mkdir(parents=True, exist_ok=True)
-  (Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=1) + "\n")
+  _write_atomically(Path(workdir) / CONFIG_FILE, config.to_json_best_effort(indent=1) + "\n")
 
 
 def write_summary(workdir: str | os.PathLike[str], summary: dict[str, Any]) -> None:
   """Writes ``summary.json``: the run's final numbers as plain JSON."""
-  (Path(workdir) / SUMMARY_FILE).write_text(json.dumps(plain(summary), indent=1) + "\n")
+  _write_atomically(Path(workdir) / SUMMARY_FILE, json.dumps(plain(summary), indent=1) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+  """Writes ``text`` to ``path`` so that a reader sees the old file or the whole new one."""
+  temporary = path.with_name(path.name + ".tmp")
+  temporary.write_text(text)
+  temporary.replace(path)
