@@ -12,8 +12,10 @@ replicated, as the runner trains. Variants, timed interleaved in the process: de
 RigL's non-update step (``mask_update=False``, as the runner compiles it); RigL's
 update step (``update_every=1``). On one machine simulated devices share its cores, so
 the table shows the overhead of sparse training at each device count, not a speed-up:
-the ratios should stay flat. The last column is the bytes each device holds for
-params and optimizer state (replicated, so the same at every count).
+the ratios should stay flat. The last columns are the bytes each device holds for
+params and optimizer state: replicated, as timed (the same at every count), and with
+every array of >= 65,536 entries split over all N devices along ``model``
+(``--config.mesh.model=N``, the runner's rule in ``sparsejax/train/sharding.py``).
 """
 
 from __future__ import annotations
@@ -27,19 +29,20 @@ import subprocess
 import sys
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 import optax
 from overhead import MLP, Variant
 
 import sparsejax as sj
+from sparsejax.train import sharding
 
 
 def worker(repeats: int, calls: int) -> dict[str, float]:
   """Times the variants on this process's devices; returns ratios, ms and bytes."""
   jax.config.update("jax_cpu_enable_async_dispatch", False)  # collectives on 2 cores
-  mesh = Mesh(jax.devices(), ("data",))
-  replicated = NamedSharding(mesh, PartitionSpec())
-  split = NamedSharding(mesh, PartitionSpec("data"))
+  mesh = sharding.make_mesh()  # the runner's mesh: data × model, model = 1
+  replicated = sharding.replicated(mesh)
+  split = NamedSharding(mesh, sharding.BATCH)
   model = MLP((1024, 1024, 1024, 10))
   kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
   x = jax.device_put(jax.random.normal(kx, (256, 784)), split)
@@ -66,14 +69,19 @@ def worker(repeats: int, calls: int) -> dict[str, float]:
       v.round_ms.append(statistics.median(v.call() for _ in range(calls)))
     for v in variants:
       ratios[v.name].append(v.round_ms[-1] / variants[0].round_ms[-1])
-  state_bytes = {v.name: sum(leaf.addressable_shards[0].data.nbytes
-                             for leaf in jax.tree.leaves((v.params, v.opt_state)))
-                 for v in variants}
+  state_bytes = {v.name: sharding.bytes_per_device((v.params, v.opt_state)) for v in variants}
+  fsdp = sharding.make_mesh(model=jax.device_count())
+  split_bytes = {}
+  for v in variants:
+    state = (v.params, v.opt_state)
+    state = sharding.place(state, sharding.state_shardings(state, fsdp, 2**16))
+    split_bytes[v.name] = sharding.bytes_per_device(state)
   ms = {v.name: v.round_ms for v in variants}
   return {"devices": jax.device_count(),
           **{f"{n}_ratio": statistics.median(r) for n, r in ratios.items()},
           **{f"{n}_ms": statistics.median(m) for n, m in ms.items()},
-          **{f"{n}_bytes": b for n, b in state_bytes.items()}}
+          **{f"{n}_bytes": b for n, b in state_bytes.items()},
+          **{f"{n}_split_bytes": b for n, b in split_bytes.items()}}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -91,8 +99,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"--repeats {args.repeats} --calls {args.calls}`")
   print()
   print("| devices | dense step (ms) | rigl non-update ÷ dense | rigl update ÷ dense "
-        "| params + state per device (MB): dense / rigl |")
-  print("|---|---:|---:|---:|---|")
+        "| params + state per device (MB), dense / rigl: replicated | split along model |")
+  print("|---|---:|---:|---:|---|---|")
   for count in (int(c) for c in args.devices.split(",") if c):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
     result = subprocess.run([sys.executable, __file__, "--worker", f"--repeats={args.repeats}",
@@ -101,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     r = json.loads(result.stdout.strip().splitlines()[-1])
     print(f"| {r['devices']} | {r['dense_ms']:.2f} | {r['rigl_ratio']:.2f} "
           f"| {r['rigl_update_ratio']:.2f} | {r['dense_bytes'] / 2**20:.1f} / "
-          f"{r['rigl_bytes'] / 2**20:.1f} |", flush=True)
+          f"{r['rigl_bytes'] / 2**20:.1f} | {r['dense_split_bytes'] / 2**20:.1f} / "
+          f"{r['rigl_split_bytes'] / 2**20:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
