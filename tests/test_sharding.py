@@ -118,16 +118,17 @@ def test_leaves_sharded_along_model_train_like_one_device(runs, method):
 
 
 def test_a_run_checkpointed_on_eight_devices_resumes_on_two(runs, data_dir, tmp_path):  # noqa: F811
-  """RigL on 8 devices loses its last checkpoint (step 20); the same command on 2 devices
-  restores step 16 onto its own mesh and ends like the uninterrupted run."""
-  whole = runs("rigl", 8)
+  """RigL on a 2 × 4 mesh with split leaves loses its last checkpoint (step 20); the
+  command on 2 devices, replicated, restores step 16 onto its own mesh (``config.mesh``
+  may change on a resume) and ends like the uninterrupted run."""
+  whole = runs("rigl", 8, *FSDP)
   resumed = tmp_path / "resumed"
   shutil.copytree(whole, resumed)
   (resumed / "summary.json").unlink()
   shutil.rmtree(resumed / "checkpoints" / "20")
   _run(tmp_path, data_dir, "rigl", 2, "resumed")
   summary = json.loads((resumed / "summary.json").read_text())
-  assert summary["devices"] == 2
+  assert summary["devices"] == 2 and summary["mesh"] == {"data": 2, "model": 1}
   _assert_alike(checkpoint_leaves(whole, 20), checkpoint_leaves(resumed, 20))
 
 

@@ -417,6 +417,9 @@ def run(experiment: Experiment, workdir: str | os.PathLike[str] | None = None,
     model, seed, target and measured sparsity, test accuracy and loss, final train
     loss, steps, seconds, FLOPs ratios, coverage and per-layer sparsity.
 
+  With several processes (``jax.distributed``) every process calls this with the same
+  ``workdir``: all take part in the checkpoints, only process 0 writes the other files.
+
   Raises:
     ValueError: when ``workdir`` holds a run of another config.
   """
