@@ -23,6 +23,13 @@ Every run is validated and built before the first one trains: a bad config, or a
 holding a run of another config, prints one line and exits with status 2 (nothing on
 disk is touched); a missing dataset, or a DIR that cannot be written, exits with 1.
 
+While training, SIGTERM or SIGINT stops the current run after the running step, saves
+a checkpoint of it and exits with status 75; the same command continues. A
+non-finite loss stops that run (status 3 at the end, the other runs still train; with
+``--config.on_nonfinite=skip`` such steps are skipped and counted instead). A
+checkpoint that does not restore intact is reported and the one before it used; when
+none does, the run exits with 4; a checkpoint that cannot be written exits with 1.
+
 Multi-host: ``--distributed`` (or ``JAX_COORDINATOR_ADDRESS`` in the environment) starts
 ``jax.distributed`` before anything else; on Cloud TPU, SLURM, Open MPI and Kubernetes
 JAX finds the processes itself, elsewhere give ``--coordinator_address``,
@@ -34,6 +41,7 @@ reads its own rows of every batch, all write the checkpoints (orbax), and only p
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 import json
 import os
 from pathlib import Path
@@ -73,7 +81,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index "
 
 CONFIG_ERROR = 2
 DATA_ERROR = 1
-OUTPUT_ERROR = 1
+OUTPUT_ERROR = 1  # also: a checkpoint could not be written
+DIVERGED = 3  # a run met a non-finite loss (config.on_nonfinite="stop") or state
+NO_CHECKPOINT = 4  # a run directory holds checkpoints, but none restores intact
+PREEMPTED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -229,14 +240,31 @@ def main(argv: Sequence[str]) -> None:
           raise OSError(f"cannot write to {directory}")
       except OSError as e:
         fail(f"--workdir: {e}", OUTPUT_ERROR)
-  summaries = []
+  summaries, diverged = [], []
   primary = is_primary()
+  say = functools.partial(print, file=sys.stderr, flush=True) if primary else lambda _: None
   for experiment, directory in zip(experiments, directories):
-    summaries.append(train_lib.run(experiment, directory))
-    if directory is not None and primary:
-      print(f"wrote {directory}", file=sys.stderr, flush=True)
-  if primary:
+    name = directory or experiment.method
+    try:
+      summaries.append(train_lib.run(experiment, directory))
+    except train_lib.Preempted as e:
+      again = "; run the same command to continue" if e.saved else ""
+      say(f"{name}: {e}{again}")
+      sys.exit(PREEMPTED)
+    except train_lib.Diverged as e:
+      say(f"error: {name}: {e}")
+      diverged.append(name)
+      continue
+    except train_lib.UnreadableCheckpoints as e:
+      fail(str(e), NO_CHECKPOINT)
+    except train_lib.CheckpointError as e:
+      fail(str(e), OUTPUT_ERROR)
+    if directory is not None:
+      say(f"wrote {directory}")
+  if primary and summaries:
     print(markdown_table(summaries), flush=True)
+  if diverged:
+    fail(f"diverged, left out of the table: {', '.join(map(str, diverged))}", DIVERGED)
 
 
 if __name__ == "__main__":

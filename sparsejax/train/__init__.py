@@ -1,5 +1,6 @@
 """The experiment runner: configs, the training loop, checkpoints, metrics logs, models."""
 
+from sparsejax.train.checkpoints import CheckpointError, UnreadableCheckpoints
 from sparsejax.train.experiment_config import validate_config, with_method
 from sparsejax.train.loop import (
     Experiment,
@@ -13,11 +14,16 @@ from sparsejax.train.loop import (
     setup,
 )
 from sparsejax.train.models import get_model
+from sparsejax.train.stopping import Diverged, Preempted
 from sparsejax.train.workdir import check_workdir
 
 __all__ = [
+    "CheckpointError",
+    "Diverged",
     "Experiment",
+    "Preempted",
     "TrainState",
+    "UnreadableCheckpoints",
     "build_optimizer",
     "check",
     "check_workdir",

@@ -17,6 +17,7 @@ from sparsejax.train.optimizers import OPTIMIZERS, SCHEDULES
 from sparsejax.train.schema import END_STEP_PLACEHOLDER, PER_EPOCH, check_schema
 
 END_STEP_FRACTION = 0.75
+NONFINITE_POLICIES = ("stop", "skip")  # config.on_nonfinite
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -72,6 +73,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.num_steps <= 0:
     _check_at_least(config, "num_epochs", 1)
   _check_at_least(config, "seed", 0)
+  _check(config.on_nonfinite in NONFINITE_POLICIES, "on_nonfinite",
+         f"must be one of {list(NONFINITE_POLICIES)}, got {config.on_nonfinite!r}")
   _check_at_least(config.mesh, "model", 1, "mesh.")
   _check_at_least(config.mesh, "min_shard_size", 1, "mesh.")
   fraction = config.sparse_end_fraction

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import os
 from pathlib import Path
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -45,10 +46,11 @@ from sparsejax.data import (
 from sparsejax.train import experiment_config as cfg
 from sparsejax.train import flops, records, sharding
 from sparsejax.train.always_sparse import is_always_sparse, method_variables
-from sparsejax.train.checkpoints import Checkpointer
+from sparsejax.train.checkpoints import Checkpointer, CheckpointError
 from sparsejax.train.logs import MetricsWriter, Progress
 from sparsejax.train.models import ALWAYS_SPARSE_MODELS, get_model
 from sparsejax.train.optimizers import learning_rate_schedule, make_optimizer
+from sparsejax.train.stopping import Diverged, Preempted, StopRequests
 from sparsejax.train.workdir import CHECKPOINT_DIR, check_workdir, write_config, write_summary
 
 
@@ -324,6 +326,7 @@ def make_train_step(experiment: Experiment, with_statistics: bool = False,
     The jitted step.
   """
   model, tx, sampling = experiment.model, experiment.tx, experiment.statistics
+  skip_nonfinite = experiment.config.on_nonfinite == "skip"
 
   def loss_fn(params, model_state, batch, method_state):
     logits, model_state = _apply(model, params, model_state, batch["image"], train=True,
@@ -347,13 +350,26 @@ def make_train_step(experiment: Experiment, with_statistics: bool = False,
           state.params, state.model_state, batch, method_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
     params = optax.apply_updates(state.params, updates)
-    tracker = records.track_step(state.tracker, loss, state.opt_state, opt_state, state.params,
-                                 experiment.positions)
+    finite = jnp.isfinite(loss)
+    if skip_nonfinite:  # optax.apply_if_finite: a step with a non-finite loss or gradient
+      finite &= all_finite(grads)  # changes nothing but the step and the counts
+      params, model_state, opt_state = optax.tree.where(
+          finite, (params, model_state, opt_state),
+          (state.params, state.model_state, state.opt_state))
+    tracker = records.track_step(state.tracker, state.step + 1, loss, finite, state.opt_state,
+                                 opt_state, state.params, experiment.positions)
     return TrainState(state.step + 1, params, model_state, opt_state, tracker)
 
   # The state keeps its shardings; a batch split over the devices splits the work.
   state_shardings = jax.tree.map(lambda x: x.sharding, experiment.state)
   return jax.jit(train_step, donate_argnums=0, out_shardings=state_shardings)
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every inexact entry of ``tree`` is finite (traceable)."""
+  checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
 def train_steps(experiment: Experiment) -> Callable[[int], Callable[[TrainState, Any], TrainState]]:
@@ -419,9 +435,15 @@ def run(experiment: Experiment, workdir: str | os.PathLike[str] | None = None,
 
   With several processes (``jax.distributed``) every process calls this with the same
   ``workdir``: all take part in the checkpoints, only process 0 writes the other files.
+  A checkpoint that does not restore intact is reported on stderr and the one before
+  it is used.
 
   Raises:
     ValueError: when ``workdir`` holds a run of another config.
+    Preempted: after saving the step at which a stop was requested (SIGTERM, SIGINT).
+    Diverged: at a non-finite loss (``config.on_nonfinite="stop"``) or state; the
+      summary then records the failure.
+    CheckpointError: when checkpoints exist but none restores, or one cannot be written.
   """
   start_time = time.perf_counter()
   config = experiment.config
@@ -434,23 +456,57 @@ def run(experiment: Experiment, workdir: str | os.PathLike[str] | None = None,
     if primary:
       write_config(workdir, config)
     checkpointer = Checkpointer(Path(workdir) / CHECKPOINT_DIR, config.keep_checkpoints)
-    restored = checkpointer.restore(state)
+    try:
+      restored = checkpointer.restore(state, warn=_warn if primary else None)
+    except CheckpointError:
+      checkpointer.close()
+      raise
     if restored is not None:
       state, record = restored
       totals = records.Totals(**record["totals"])
     writer = MetricsWriter(workdir, resume_step=int(state.step), write=primary)
   try:
-    state, totals, last_row = _train(experiment, state, totals, checkpointer, writer,
-                                     show_progress and primary)
-  finally:
-    if writer is not None:
-      writer.close()
-    if checkpointer is not None:
-      checkpointer.close()
+    with contextlib.ExitStack() as closing:
+      if writer is not None:
+        closing.callback(writer.close)
+      if checkpointer is not None:
+        closing.callback(checkpointer.close)
+      state, totals, last_row = _train(experiment, state, totals, checkpointer, writer,
+                                       show_progress and primary)
+  except Diverged as e:
+    if workdir is not None and primary:
+      write_summary(workdir, records.failure(experiment, str(e), e.step,
+                                             time.perf_counter() - start_time))
+    raise
   summary = records.summary(experiment, state, last_row, time.perf_counter() - start_time)
   if workdir is not None and primary:
     write_summary(workdir, summary)
   return summary
+
+
+def _warn(line: str) -> None:
+  print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+@jax.jit
+def _state_is_finite(state: TrainState) -> jax.Array:
+  return all_finite((state.params, state.model_state, state.opt_state))
+
+
+def _check_finite(experiment: Experiment, state: TrainState, step: int,
+                  checkpointer: Checkpointer | None) -> None:
+  """Raises Diverged after a non-finite loss (``on_nonfinite="stop"``) or with a
+  non-finite state, so that no such state is logged or checkpointed."""
+  first = int(state.tracker.first_nonfinite)
+  what = None
+  if experiment.config.on_nonfinite == "stop" and first:
+    what, step = "loss", first
+  elif not bool(_state_is_finite(state)):
+    what = "params or optimizer state"
+  if what is not None:
+    if checkpointer is not None:
+      checkpointer.wait()
+    raise Diverged(step, what, checkpointer.latest_step() if checkpointer else None)
 
 
 def _train(experiment: Experiment, state: TrainState, totals: records.Totals,
@@ -464,13 +520,17 @@ def _train(experiment: Experiment, state: TrainState, totals: records.Totals,
   train_step, evaluate = train_steps(experiment), make_evaluate(experiment)
   step, last_row = int(state.step), None
   with (contextlib.closing(experiment.pipeline.iterate(step)) as batches,
-        Progress(num_steps, step, experiment.method, enabled=show_progress) as progress):
+        Progress(num_steps, step, experiment.method, enabled=show_progress) as progress,
+        StopRequests() as stop_requests):
     while step < num_steps:
       state = train_step(step + 1)(state, sharding.shard_batch(next(batches), experiment.mesh))
       step += 1
       is_eval = step == num_steps or step % eval_every == 0
       is_log = is_eval or step % config.log_every == 0
       is_checkpoint = step == num_steps or step % checkpoint_every == 0
+      stop = stop_requests.reached(step)
+      if is_log or is_checkpoint or stop:
+        _check_finite(experiment, state, step, checkpointer)
       if is_log or is_checkpoint:
         state, totals = records.flush(state, totals, config.batch_size)
       if is_log:
@@ -479,8 +539,12 @@ def _train(experiment: Experiment, state: TrainState, totals: records.Totals,
         if writer is not None:
           writer.write(last_row)
         progress.show(last_row)
-      if checkpointer is not None and is_checkpoint:
+      if checkpointer is not None and (is_checkpoint or stop):
         checkpointer.save(step, state, {"next_batch": step, "totals": totals._asdict()})
+      if stop:
+        if checkpointer is not None:
+          checkpointer.wait()
+        raise Preempted(step, saved=checkpointer is not None)
       progress.advance(step)
   if last_row is None and writer is not None:  # resumed after the end: report the last row
     last_row = writer.last_row()

@@ -55,6 +55,11 @@ class Tracker(NamedTuple):
   loss_count: jax.Array  # steps since the last logged row
   flops: jax.Array  # sparse training FLOPs per example since the last host flush
   eval_masks: Any  # masks at the last evaluation row, for churn (None when dense)
+  first_nonfinite: jax.Array  # int32: the first step with a non-finite loss; 0 = none
+  nonfinite_steps: jax.Array  # int32: steps with a non-finite loss (skipped under "skip")
+
+
+FINISHED = "finished"  # summary.json's status of a run that reached its last step
 
 
 class Totals(NamedTuple):
@@ -89,16 +94,21 @@ def new_tracker(opt_state: optax.OptState) -> Tracker:
   """A tracker with nothing counted yet (own copies of the masks: the step donates)."""
   masks = state_masks(opt_state)
   return Tracker(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
-                 jnp.zeros((), jnp.float32), jax.tree.map(jnp.copy, masks))
+                 jnp.zeros((), jnp.float32), jax.tree.map(jnp.copy, masks),
+                 jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-def track_step(tracker: Tracker, loss: jax.Array, old_opt_state: optax.OptState,
-               new_opt_state: optax.OptState, params: Any, positions: Any) -> Tracker:
+def track_step(tracker: Tracker, step: jax.Array, loss: jax.Array, finite: jax.Array,
+               old_opt_state: optax.OptState, new_opt_state: optax.OptState, params: Any,
+               positions: Any) -> Tracker:
   """Adds one training step (traceable): its loss and, for a sparse method, its FLOPs.
 
   Args:
     tracker: the running metrics.
+    step: the step's number (from 1).
     loss: the step's training loss.
+    finite: whether the step counts (its loss is finite; with ``on_nonfinite="skip"``
+      its gradients too): a step that does not adds nothing to the running loss.
     old_opt_state: the optimizer state the step's forward pass used.
     new_opt_state: the state after the step (says whether it read the dense gradient).
     params: the params before the step (shapes only).
@@ -107,7 +117,11 @@ def track_step(tracker: Tracker, loss: jax.Array, old_opt_state: optax.OptState,
   Returns:
     The updated tracker.
   """
-  tracker = tracker._replace(loss_sum=tracker.loss_sum + loss, loss_count=tracker.loss_count + 1)
+  first = jnp.where((tracker.first_nonfinite == 0) & ~finite, step, tracker.first_nonfinite)
+  tracker = tracker._replace(loss_sum=tracker.loss_sum + jnp.where(finite, loss, 0.0),
+                             loss_count=tracker.loss_count + finite.astype(jnp.int32),
+                             first_nonfinite=first.astype(jnp.int32),
+                             nonfinite_steps=tracker.nonfinite_steps + (~finite).astype(jnp.int32))
   masks = state_masks(old_opt_state)
   if masks is None and not keeps_topology(old_opt_state):
     return tracker
@@ -142,6 +156,8 @@ def row(experiment: Experiment, state: TrainState, totals: Totals,
   out = {"step": step, "epoch": step / experiment.steps_per_epoch,
          "train_loss": float(tracker.loss_sum) / max(int(tracker.loss_count), 1),
          "learning_rate": float(experiment.learning_rate(step - 1)), "sparsity": 0.0}
+  if experiment.config.on_nonfinite == "skip":
+    out["skipped_steps"] = int(tracker.nonfinite_steps)
   masks = state_masks(state.opt_state)
   stats = None if masks is None else metrics.mask_statistics(masks, tracker.eval_masks)
   if keeps_topology(state.opt_state):
@@ -165,12 +181,8 @@ def row(experiment: Experiment, state: TrainState, totals: Totals,
 def summary(experiment: Experiment, state: TrainState, last_row: dict[str, Any],
             seconds: float) -> dict[str, Any]:
   """The run's ``summary.json``: what it was, what it reached, what it cost."""
-  config = experiment.config
   return {
-      "method": experiment.method, "dataset": config.data.dataset, "model": config.model,
-      "seed": config.seed, "target_sparsity": config.sparse.get("sparsity"),
-      # What sets the sparsity of a method without a target (DST): part of its group.
-      "variant": sparsejax.variant(config.sparse),
+      **_identity(experiment), "status": FINISHED,
       "sparsity": last_row["sparsity"], "test_accuracy": last_row["test_accuracy"],
       "test_loss": last_row["test_loss"], "train_loss": last_row["train_loss"],
       "steps": int(state.step), "seconds": seconds,
@@ -178,6 +190,25 @@ def summary(experiment: Experiment, state: TrainState, last_row: dict[str, Any],
       "inference_flops_ratio": last_row["inference_flops"] / last_row["inference_flops_dense"],
       "coverage": last_row.get("coverage"), "layers": last_row["layers"],
       **sharding.describe(experiment.mesh, (state.params, state.model_state, state.opt_state)),
+      "skipped_steps": last_row.get("skipped_steps", 0),
+  }
+
+
+def failure(experiment: Experiment, error: str, step: int, seconds: float) -> dict[str, Any]:
+  """The ``summary.json`` of a run that stopped at a failure (``status`` is not
+  :data:`FINISHED`): what it was, where it failed and why."""
+  return {**_identity(experiment), "status": "diverged", "error": error, "failed_at_step": step,
+          "seconds": seconds}
+
+
+def _identity(experiment: Experiment) -> dict[str, Any]:
+  """What a run is: method, data, model, seed, target, and the group of its repeats."""
+  config = experiment.config
+  return {
+      "method": experiment.method, "dataset": config.data.dataset, "model": config.model,
+      "seed": config.seed, "target_sparsity": config.sparse.get("sparsity"),
+      # What sets the sparsity of a method without a target (DST): part of its group.
+      "variant": sparsejax.variant(config.sparse),
       # Runs with the same group are repeats of one experiment (seeds aside).
       "group": group_config(config.to_dict()),
   }

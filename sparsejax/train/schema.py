@@ -67,6 +67,9 @@ def experiment_schema(sparse: ml_collections.ConfigDict | None = None
   config.eval_every = PER_EPOCH  # steps between evaluations; -1 = once per epoch
   config.checkpoint_every = PER_EPOCH  # steps between checkpoints; -1 = once per epoch
   config.keep_checkpoints = 3
+  # A non-finite loss (or gradient, with "skip"): "stop" the run at once (non-zero exit,
+  # nothing after the last checkpoint kept), or "skip" the step (optax.apply_if_finite).
+  config.on_nonfinite = "stop"
   # Where the state lives (not what is trained: a run may resume on another mesh).
   config.mesh = ml_collections.ConfigDict({
       "model": 1,  # devices along the ``model`` axis; > 1 splits large state arrays (FSDP)
