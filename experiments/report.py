@@ -9,7 +9,9 @@ method, target sparsity) and aggregated over seeds.
 
 Only finished runs (with ``summary.json``) enter the table and the accuracy plot; an
 unfinished run is named on stderr, and its curves (loss, density) are still plotted
-from its ``metrics.jsonl``, labelled "unfinished".
+from its ``metrics.jsonl``, labelled "unfinished". A run that failed (its summary's
+``status`` is not "finished", e.g. a diverged loss) is left out the same way and
+listed, with where and why it failed, on stderr and under the table in ``report.md``.
 
 The table is printed and written to ``OUTDIR/report.md``, next to the plots
 ``accuracy_vs_sparsity.png``, ``accuracy_vs_coverage.png`` (runs with a coverage),
@@ -83,7 +85,16 @@ class Run:
 
   @property
   def finished(self) -> bool:
-    return self.summary is not None
+    """Whether the run reached its last step (older summaries have no status)."""
+    return self.summary is not None and self.summary.get("status", "finished") == "finished"
+
+  def left_out(self) -> str | None:
+    """Why the run is not in the table ("unfinished", "diverged at step N"), or None."""
+    if self.finished:
+      return None
+    if self.summary is None:
+      return f"unfinished (no {SUMMARY_FILE})"
+    return f"{self.summary['status']} at step {self.summary.get('failed_at_step')}"
 
 
 # Finding and reading runs.
@@ -446,7 +457,9 @@ def _save(figure: Any, path: Path) -> Path:
 def _run_label(run: Run) -> str:
   seed = run_info(run)["seed"]
   label = f"seed {seed}" if seed is not None else run.path.name
-  return label if run.finished else f"{label} (unfinished)"
+  if run.finished:
+    return label
+  return f"{label} ({'unfinished' if run.summary is None else run.summary['status']})"
 
 
 def _group_title(key: GroupKey) -> str:
@@ -726,15 +739,18 @@ def main(argv: Sequence[str]) -> None:
     runs = [load_run(path) for path in find_runs(paths)]
   except ReportError as e:
     fail(str(e), INPUT_ERROR)
-  for run in runs:
-    if not run.finished:
-      print(f"unfinished (no {SUMMARY_FILE}), left out of the table: {run.path}",
-            file=sys.stderr)
+  left_out = [(run, f"{run.left_out()}, left out of the table: {run.path}")
+              for run in runs if not run.finished]
+  for _, line in left_out:
+    print(line, file=sys.stderr)
   summaries = [run_summary(run) for run in runs if run.finished]
   if not summaries:
     print("no finished run: the table is empty", file=sys.stderr)
   table = markdown_table(summaries)
   print(table, flush=True)
+  failed = [line for run, line in left_out if run.summary is not None]
+  if failed:
+    table += "\n\nFailed runs:\n\n" + "\n".join(f"- {line}" for line in failed)
   out_flag = flags.FLAGS["out"].value if "out" in flags.FLAGS else None
   out = Path(out_flag) if out_flag else default_out(paths)
   try:

@@ -9,6 +9,8 @@ import numpy as np
 import optax
 import pytest
 
+from sparsejax.data import write_idx_dataset
+
 
 class TinyMLP(nn.Module):
   """20 → 16 → 12 → 4: three kernels (masked) and three biases (dense)."""
@@ -125,3 +127,15 @@ def primitive_names(jaxpr) -> list[str]:
 def loop_count(jaxpr) -> int:
   """Number of loops (while, scan) in a jaxpr, nested ones included."""
   return sum(name in ("while", "scan") for name in primitive_names(jaxpr))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A tiny Fashion-MNIST look-alike: 256 training and 64 test images."""
+  rng = np.random.default_rng(0)
+  directory = tmp_path_factory.mktemp("idx")
+  write_idx_dataset(directory, {
+      split: {"image": rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+              "label": rng.integers(0, 10, n, dtype=np.uint8)}
+      for split, n in (("train", 256), ("test", 64))})
+  return directory

@@ -4,10 +4,8 @@ import json
 import os
 from pathlib import Path
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -15,7 +13,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments import train as cli
-from sparsejax.data import write_idx_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "--config=experiments/configs/fashion_mnist.py"
@@ -23,18 +20,6 @@ HEADER = ("| method | model | sparsity | test accuracy (%) | n | train FLOPs (×
           "inference FLOPs (× dense) | coverage |")
 SHORT = ["--config.num_steps=20", "--config.batch_size=32", "--config.eval_batch_size=64",
          "--config.log_every=5", "--config.eval_every=10", "--config.checkpoint_every=10"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  """A tiny Fashion-MNIST look-alike: 256 training and 64 test images."""
-  rng = np.random.default_rng(0)
-  directory = tmp_path_factory.mktemp("idx")
-  write_idx_dataset(directory, {
-      split: {"image": rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
-              "label": rng.integers(0, 10, n, dtype=np.uint8)}
-      for split, n in (("train", 256), ("test", 64))})
-  return directory
 
 
 def cli_command(*args: str) -> list[str]:
@@ -219,13 +204,6 @@ def test_seeds_run_resume_and_report(data_dir, tmp_path):
                                                           "static (num_steps=20)": "2"}
 
 
-# --- kill -9 and resume --------------------------------------------------------------------
-
-RESUME = ["--config.num_steps=400", "--config.batch_size=32", "--config.eval_batch_size=64",
-          "--config.log_every=10", "--config.eval_every=50", "--config.checkpoint_every=25",
-          "--config.sparse.update_every=20"]
-
-
 def checkpoint_leaves(run: Path, step: int | None = None) -> list[np.ndarray]:
   """The leaves of a run's checkpoint (default: the newest), restored onto this
   process's one device whatever the devices that saved it."""
@@ -240,68 +218,3 @@ def checkpoint_leaves(run: Path, step: int | None = None) -> list[np.ndarray]:
                           metadata)
     state = checkpointer.restore(path, target)
   return [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
-
-
-def _kill_when(process: subprocess.Popen, ready, timeout: float = 240.0) -> bool:
-  """SIGKILLs ``process`` as soon as ``ready()`` holds; False if it ended first."""
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline and process.poll() is None:
-    if ready():
-      process.send_signal(signal.SIGKILL)
-      process.wait()
-      return True
-    time.sleep(0.001)
-  return False
-
-
-def _rows(run: Path) -> int:
-  path = run / "metrics.jsonl"
-  return path.read_text().count("\n") if path.exists() else 0
-
-
-def _writing_checkpoint(run: Path) -> bool:
-  directory = run / "checkpoints"
-  return directory.exists() and any("tmp" in p.name for p in directory.iterdir())
-
-
-def _unfinished_checkpoints(run: Path) -> list[str]:
-  """The temporary directories of checkpoints orbax had not finished (renamed) yet."""
-  names = [p.name for p in (run / "checkpoints").iterdir()]
-  return sorted(name for name in names if "tmp" in name and name.split(".")[0] not in names)
-
-
-def test_sigkill_and_restart_ends_bit_identical(data_dir, tmp_path):
-  """Killed twice (once while a checkpoint is being written), restarted with the same command."""
-  reference, killed = tmp_path / "reference", tmp_path / "killed"
-  args = [f"{CONFIG}:set", *RESUME]
-  assert run_cli(*args, f"--workdir={reference}", data_dir=data_dir).returncode == 0
-
-  command = cli_command(*args, f"--workdir={killed}")
-
-  def kill_when(ready) -> bool:
-    process = subprocess.Popen(command, cwd=ROOT, env=cli_env(data_dir),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return _kill_when(process, ready)
-
-  # A checkpoint write takes ~0.2 s here and the poll ~1 ms, so the kill lands inside it and
-  # leaves its temporary directory on disk, next to the older, complete checkpoints.
-  assert kill_when(lambda: _rows(killed) >= 8 and _writing_checkpoint(killed)), (
-      "the first run ended before it could be killed")
-  listing = sorted(p.name for p in (killed / "checkpoints").iterdir())
-  unfinished = _unfinished_checkpoints(killed)
-  assert unfinished, f"the first kill did not happen while a checkpoint was written: {listing}"
-  done = [int(name) for name in listing if name.isdigit()]
-  assert done and max(done) < min(int(name.split(".")[0]) for name in unfinished), listing
-  assert kill_when(lambda: _rows(killed) >= 27), "the second run ended before it could be killed"
-  assert not (killed / "summary.json").exists()
-  final = subprocess.run(command, cwd=ROOT, env=cli_env(data_dir), capture_output=True,
-                         text=True, timeout=300, check=False)
-  assert final.returncode == 0, final.stderr
-  assert not _writing_checkpoint(killed), "the unfinished checkpoints were not cleaned up"
-
-  assert (reference / "metrics.jsonl").read_bytes() == (killed / "metrics.jsonl").read_bytes()
-  for a, b in zip(checkpoint_leaves(reference), checkpoint_leaves(killed), strict=True):
-    np.testing.assert_array_equal(a, b)
-  summaries = [json.loads((run / "summary.json").read_text()) for run in (reference, killed)]
-  for key in ("test_accuracy", "test_loss", "train_loss", "sparsity", "coverage", "layers"):
-    assert summaries[0][key] == summaries[1][key], key

@@ -12,7 +12,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from test_cli import CONFIG, ROOT, SHORT, checkpoint_leaves, cli_env, data_dir  # noqa: F401
+from test_cli import CONFIG, ROOT, SHORT, checkpoint_leaves, cli_env
 
 from sparsejax.train.sharding import leaf_sharding, make_mesh
 
@@ -48,7 +48,7 @@ def _run(tmp: Path, data: Path, method: str, devices: int, name: str,
 
 
 @pytest.fixture(scope="module")
-def runs(data_dir, tmp_path_factory):  # noqa: F811
+def runs(data_dir, tmp_path_factory):
   """``runs(method, devices, *flags)``: the run directory of that command, run once per module."""
   tmp, done = tmp_path_factory.mktemp("runs"), {}
 
@@ -117,7 +117,7 @@ def test_leaves_sharded_along_model_train_like_one_device(runs, method):
   assert summary["state_bytes_per_device"] < 0.3 * replicated
 
 
-def test_a_run_checkpointed_on_eight_devices_resumes_on_two(runs, data_dir, tmp_path):  # noqa: F811
+def test_a_run_checkpointed_on_eight_devices_resumes_on_two(runs, data_dir, tmp_path):
   """RigL on a 2 × 4 mesh with split leaves loses its last checkpoint (step 20); the
   command on 2 devices, replicated, restores step 16 onto its own mesh (``config.mesh``
   may change on a resume) and ends like the uninterrupted run."""
@@ -132,7 +132,7 @@ def test_a_run_checkpointed_on_eight_devices_resumes_on_two(runs, data_dir, tmp_
   _assert_alike(checkpoint_leaves(whole, 20), checkpoint_leaves(resumed, 20))
 
 
-def test_two_processes_with_jax_distributed_train_like_one(runs, data_dir, tmp_path):  # noqa: F811
+def test_two_processes_with_jax_distributed_train_like_one(runs, data_dir, tmp_path):
   """Two processes on this machine (``jax.distributed``, a localhost coordinator, 2
   devices each, large leaves split along ``model``): each reads half of every batch,
   only process 0 writes metrics and summary, all write the checkpoints, and the run
@@ -157,7 +157,7 @@ def test_two_processes_with_jax_distributed_train_like_one(runs, data_dir, tmp_p
   _assert_same_training(runs("rigl", 1), workdir, "rigl")
 
 
-def test_a_batch_that_does_not_split_over_the_devices_is_one_line(data_dir, tmp_path):  # noqa: F811
+def test_a_batch_that_does_not_split_over_the_devices_is_one_line(data_dir, tmp_path):
   env = {**cli_env(data_dir), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   result = subprocess.run([sys.executable, "-c", SYNCHRONOUS_CLI, f"{CONFIG}:rigl",
                            f"--workdir={tmp_path / 'run'}", *SHORT, "--config.batch_size=36"],

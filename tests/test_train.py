@@ -14,7 +14,15 @@ import pytest
 from experiments.configs import fashion_mnist
 import sparsejax
 from sparsejax.data import ArraySource
-from sparsejax.train import experiment_config, flops, loop, models, optimizers
+from sparsejax.train import (
+  checkpoints,
+  experiment_config,
+  flops,
+  loop,
+  models,
+  optimizers,
+  sharding,
+)
 from sparsejax.train.logs import read_rows
 
 NUM_TRAIN, NUM_TEST = 256, 70  # NUM_TEST is not a multiple of eval_batch_size: padding is used
@@ -444,3 +452,73 @@ def test_always_sparse_models_and_methods_go_together(data, arg, match):
   with pytest.raises(ValueError, match=match) as error:
     loop.setup(small_config(arg), data)
   assert "\n" not in str(error.value)
+
+
+def _with_a_bad_label(data):
+  """The training split with example 7's label out of range: its loss, so the loss of
+  every batch holding it, is NaN (its gradient stays finite)."""
+  train, test = data
+  labels = train.labels.copy()
+  labels[7] = 99
+  return ArraySource(train.images, labels), test
+
+
+def test_skip_leaves_the_state_of_a_non_finite_step_unchanged(data, tmp_path):
+  """``on_nonfinite="skip"``: a step whose batch holds the bad example changes nothing but
+  the step and the counts (params, every optimizer state leaf, masks), the others train;
+  rows report the cumulative count and a finite loss."""
+  experiment = loop.setup(small_config("rigl", on_nonfinite="skip"), _with_a_bad_label(data))
+  bad_steps = [s + 1 for s in range(experiment.num_steps)
+               if 99 in experiment.pipeline.batch(s)["label"]]
+  assert 3 <= len(bad_steps) <= 4  # once per epoch
+  steps, state = loop.train_steps(experiment), jax.tree.map(np.asarray, experiment.state)
+  for step in range(1, experiment.num_steps + 1):
+    before = state
+    batch = sharding.shard_batch(experiment.pipeline.batch(step - 1), experiment.mesh)
+    state = jax.tree.map(np.asarray, steps(step)(jax.tree.map(jax.numpy.asarray, before), batch))
+    same = [np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves((before.params, before.opt_state)),
+        jax.tree.leaves((state.params, state.opt_state)), strict=True)]
+    assert all(same) == (step in bad_steps), step
+    assert int(state.tracker.nonfinite_steps) == sum(s <= step for s in bad_steps)
+  summary = loop.run(experiment, tmp_path, show_progress=False)
+  assert summary["skipped_steps"] == len(bad_steps) and summary["status"] == "finished"
+  rows = read_rows(tmp_path / "metrics.jsonl")
+  assert [row["skipped_steps"] for row in rows] == [
+      sum(s <= row["step"] for s in bad_steps) for row in rows]
+  assert all(np.isfinite(row["train_loss"]) for row in rows)
+
+
+def test_stop_raises_at_the_first_non_finite_step_and_checkpoints_nothing_after(data, tmp_path):
+  experiment = loop.setup(small_config("rigl"), _with_a_bad_label(data))
+  first_bad = next(s + 1 for s in range(experiment.num_steps)
+                   if 99 in experiment.pipeline.batch(s)["label"])
+  with pytest.raises(loop.Diverged, match=f"non-finite loss at step {first_bad};") as caught:
+    loop.run(experiment, tmp_path, show_progress=False)
+  assert caught.value.step == first_bad
+  kept = sorted(int(p.name) for p in (tmp_path / loop.CHECKPOINT_DIR).iterdir()
+                if p.name.isdigit())
+  assert all(step < first_bad for step in kept) and caught.value.last_checkpoint == max(
+      kept, default=None)
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["status"] == "diverged" and summary["failed_at_step"] == first_bad
+  assert all(row["step"] < first_bad for row in read_rows(tmp_path / "metrics.jsonl"))
+
+
+def test_checksums_change_with_any_bit_and_only_for_that_array():
+  rng = np.random.default_rng(0)
+  tree = {"w": rng.normal(size=(33, 7)).astype(np.float32), "m": rng.random((5, 9)) < 0.5,
+          "k": jax.random.PRNGKey(3), "n": np.arange(6, dtype=np.int32),
+          "h": rng.normal(size=10).astype(jax.numpy.bfloat16)}
+  base = checkpoints.checksums(tree)
+  assert base == checkpoints.checksums(jax.tree.map(np.copy, tree)) and len(set(base)) == 5
+  for index, name in enumerate(sorted(tree)):
+    changed = jax.tree.map(np.array, tree)
+    flat = changed[name].view(np.uint8).reshape(-1) if name != "m" else changed[name].reshape(-1)
+    position = len(flat) // 2
+    flat[position] = ~flat[position] if name == "m" else flat[position] ^ 1
+    after = checkpoints.checksums(changed)
+    assert after[index] != base[index], name
+    assert after[:index] + after[index + 1:] == base[:index] + base[index + 1:], name
+  swapped = dict(tree, n=tree["n"][::-1].copy())  # the same words in another order
+  assert checkpoints.checksums(swapped)[sorted(tree).index("n")] != base[sorted(tree).index("n")]
