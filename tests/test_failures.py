@@ -2,6 +2,7 @@
 loss, each with the real CLI in a subprocess and real files."""
 
 import json
+import os
 from pathlib import Path
 import shutil
 import signal
@@ -283,3 +284,43 @@ def test_a_diverging_loss_stops_the_run_with_one_line(data_dir, tmp_path):
       report.stderr)
   assert "| set |" not in report.stdout
 
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+  """A tmpfs mounted at ``tmp_path / "disk"`` (root only; skipped where mounting fails)."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs",
+                                          str(disk)], capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here")
+  yield disk
+  subprocess.run(["umount", str(disk)], check=True)
+
+
+def _resize(disk: Path, size: int) -> None:
+  subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_the_restart_resumes_once_there_is_room(
+    reference, data_dir, small_tmpfs):
+  """The run on a real tmpfs with room for less than one more checkpoint: writing 400
+  fails with ENOSPC, one line; 375 stays intact; once the disk grows the same command
+  ends bit-identical."""
+  run = small_tmpfs / "run"
+  shutil.copytree(reference, run)
+  (run / "summary.json").unlink()
+  shutil.rmtree(run / "checkpoints" / "400")
+  disk = os.statvfs(small_tmpfs)
+  _resize(small_tmpfs, (disk.f_blocks - disk.f_bfree) * disk.f_frsize + 64 * 1024)
+  result = _restart(run, data_dir)
+  assert result.returncode == cli.OUTPUT_ERROR, result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: cannot write checkpoint 400 in {run / 'checkpoints'}: ")
+  assert "No space left on device" in last or "ENOSPC" in last, last
+  assert max(_steps(run)) == 375
+  _resize(small_tmpfs, 64 * 2**20)
+  final = _restart(run, data_dir)
+  assert final.returncode == 0, final.stderr
+  assert "warning" not in final.stderr
+  _assert_ends_like(reference, run)

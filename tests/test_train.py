@@ -1,7 +1,9 @@
 """Tests of the training loop, its configs, metrics rows and exact resume, on synthetic data."""
 
+import errno
 import json
 from pathlib import Path
+import re
 import shutil
 
 import chex
@@ -9,6 +11,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from experiments.configs import fashion_mnist
@@ -464,29 +467,62 @@ def _with_a_bad_label(data):
 
 
 def test_skip_leaves_the_state_of_a_non_finite_step_unchanged(data, tmp_path):
-  """``on_nonfinite="skip"``: a step whose batch holds the bad example changes nothing but
-  the step and the counts (params, every optimizer state leaf, masks), the others train;
-  rows report the cumulative count and a finite loss."""
-  experiment = loop.setup(small_config("rigl", on_nonfinite="skip"), _with_a_bad_label(data))
-  bad_steps = [s + 1 for s in range(experiment.num_steps)
-               if 99 in experiment.pipeline.batch(s)["label"]]
-  assert 3 <= len(bad_steps) <= 4  # once per epoch
-  steps, state = loop.train_steps(experiment), jax.tree.map(np.asarray, experiment.state)
-  for step in range(1, experiment.num_steps + 1):
-    before = state
-    batch = sharding.shard_batch(experiment.pipeline.batch(step - 1), experiment.mesh)
-    state = jax.tree.map(np.asarray, steps(step)(jax.tree.map(jax.numpy.asarray, before), batch))
-    same = [np.array_equal(a, b) for a, b in zip(
+  """``on_nonfinite="skip"``, one epoch: the one step whose batch holds the bad example
+  is a RigL update step; it changes nothing but the step and the counts (params, every
+  optimizer state leaf, the masks, which the clean data changes there), the others
+  train; the run finishes with a skip counter of 1 and finite losses."""
+  bad_data = _with_a_bad_label(data)
+  config = small_config("rigl", on_nonfinite="skip", num_steps=NUM_TRAIN // 32)
+  pipeline = loop.setup(config, bad_data).pipeline
+  bad_step = next(s + 1 for s in range(config.num_steps) if 99 in pipeline.batch(s)["label"])
+  config.sparse.update_every, config.sparse.end_step = bad_step, 100 * bad_step
+  runs = {name: loop.setup(config, d) for name, d in (("bad", bad_data), ("clean", data))}
+  for name, experiment in runs.items():
+    steps, state = loop.train_steps(experiment), experiment.state
+    for step in range(1, bad_step + 1):
+      before = jax.tree.map(np.asarray, state)
+      batch = sharding.shard_batch(experiment.pipeline.batch(step - 1), experiment.mesh)
+      state = steps(step)(jax.tree.map(jax.numpy.asarray, before), batch)
+    unchanged = [np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves((before.params, before.opt_state)),
         jax.tree.leaves((state.params, state.opt_state)), strict=True)]
-    assert all(same) == (step in bad_steps), step
-    assert int(state.tracker.nonfinite_steps) == sum(s <= step for s in bad_steps)
-  summary = loop.run(experiment, tmp_path, show_progress=False)
-  assert summary["skipped_steps"] == len(bad_steps) and summary["status"] == "finished"
+    masks_kept = all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(sparsejax.masks(before.opt_state)),
+        jax.tree.leaves(sparsejax.masks(state.opt_state)), strict=True))
+    assert all(unchanged) == masks_kept == (name == "bad"), name
+    assert int(state.tracker.nonfinite_steps) == (name == "bad")
+  summary = loop.run(runs["bad"], tmp_path, show_progress=False)
+  assert summary["skipped_steps"] == 1 and summary["status"] == "finished"
   rows = read_rows(tmp_path / "metrics.jsonl")
-  assert [row["skipped_steps"] for row in rows] == [
-      sum(s <= row["step"] for s in bad_steps) for row in rows]
+  assert [row["skipped_steps"] for row in rows] == [int(row["step"] >= bad_step) for row in rows]
   assert all(np.isfinite(row["train_loss"]) for row in rows)
+
+
+def test_a_full_disk_at_orbax_is_one_line_and_the_run_resumes(data, tmp_path, monkeypatch):
+  """ENOSPC from orbax's save at step 20 (tensorstore writes from C++, so it is injected
+  where the runner calls orbax): one line naming the directory; checkpoint 10 intact; the
+  same run resumes from it and ends bit-identical."""
+  _, reference = final_state(loop.setup(small_config("rigl"), data), tmp_path / "reference")
+  run, experiment = tmp_path / "run", loop.setup(small_config("rigl"), data)
+  save = ocp.CheckpointManager.save
+
+  def full_disk(manager, step, *args, **kwargs):
+    if step == 20:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return save(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+  message = (f"cannot write checkpoint 20 in {run / loop.CHECKPOINT_DIR}: "
+             "OSError: [Errno 28] No space left on device")
+  with pytest.raises(loop.CheckpointError, match=f"^{re.escape(message)}$"):
+    loop.run(experiment, run, show_progress=False)
+  assert sorted(p.name for p in (run / loop.CHECKPOINT_DIR).iterdir()) == ["10"]
+  monkeypatch.undo()
+  _, resumed = final_state(experiment, run)
+  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert ((tmp_path / "reference" / "metrics.jsonl").read_bytes()
+          == (run / "metrics.jsonl").read_bytes())
 
 
 def test_stop_raises_at_the_first_non_finite_step_and_checkpoints_nothing_after(data, tmp_path):
