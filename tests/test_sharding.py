@@ -4,9 +4,11 @@ leaves split along ``model``, and two ``jax.distributed`` processes trains alike
 import json
 from pathlib import Path
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 from test_cli import CONFIG, ROOT, SHORT, checkpoint_leaves, cli_env
 
+from experiments.train import PREEMPTED
 from sparsejax.train.sharding import leaf_sharding, make_mesh
 
 # ``python -m experiments.train ARGS`` with CPU steps dispatched synchronously: on this
@@ -132,22 +135,29 @@ def test_a_run_checkpointed_on_eight_devices_resumes_on_two(runs, data_dir, tmp_
   _assert_alike(checkpoint_leaves(whole, 20), checkpoint_leaves(resumed, 20))
 
 
-def test_two_processes_with_jax_distributed_train_like_one(runs, data_dir, tmp_path):
-  """Two processes on this machine (``jax.distributed``, a localhost coordinator, 2
-  devices each, large leaves split along ``model``): each reads half of every batch,
-  only process 0 writes metrics and summary, all write the checkpoints, and the run
-  trains like one process on one device."""
+def _two_processes(tmp: Path, data: Path, extra: tuple[str, ...] = ()
+                   ) -> tuple[list[subprocess.Popen], Path]:
+  """The rigl command as two ``jax.distributed`` processes on this machine (a localhost
+  coordinator, 2 devices each, large leaves split along ``model``), started."""
   with socket.socket() as probe:
     probe.bind(("localhost", 0))
     port = probe.getsockname()[1]
   processes = []
   for index in range(2):
     command, env, workdir = _command(
-        tmp_path, data_dir, "rigl", 2, "two", ("--config.mesh.model=2", "--config.mesh.min_shard_size=1024",
-                                     f"--coordinator_address=localhost:{port}",
-                                     "--num_processes=2", f"--process_id={index}"))
+        tmp, data, "rigl", 2, "two",
+        ("--config.mesh.model=2", "--config.mesh.min_shard_size=1024",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2",
+         f"--process_id={index}", *extra))
     processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
+  return processes, workdir
+
+
+def test_two_processes_with_jax_distributed_train_like_one(runs, data_dir, tmp_path):
+  """Two processes: each reads half of every batch, only process 0 writes metrics and
+  summary, all write the checkpoints, and the run trains like one process on one device."""
+  processes, workdir = _two_processes(tmp_path, data_dir)
   outputs = [process.communicate(timeout=300) for process in processes]
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-2000:]
@@ -155,6 +165,28 @@ def test_two_processes_with_jax_distributed_train_like_one(runs, data_dir, tmp_p
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["processes"] == 2 and summary["mesh"] == {"data": 2, "model": 2}
   _assert_same_training(runs("rigl", 1), workdir, "rigl")
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(data_dir, tmp_path):
+  """SIGTERM to process 1 only: JAX's preemption service agrees on a step, both processes
+  save it together and exit 75; the same two commands then finish the run."""
+  longer = ("--config.num_steps=100", "--config.checkpoint_every=50")
+  processes, workdir = _two_processes(tmp_path, data_dir, longer)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + 240
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 4):
+    assert time.monotonic() < deadline and processes[1].poll() is None, "ended before SIGTERM"
+    time.sleep(0.005)
+  processes[1].send_signal(signal.SIGTERM)
+  outputs = [process.communicate(timeout=120) for process in processes]
+  assert [p.returncode for p in processes] == [PREEMPTED, PREEMPTED], outputs[0][1][-2000:]
+  stopped = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert max(stopped) % 50 and f"after step {max(stopped)}, saved" in outputs[0][1]
+  again, _ = _two_processes(tmp_path, data_dir, longer)
+  for process, (_, stderr) in zip(again, [p.communicate(timeout=300) for p in again]):
+    assert process.returncode == 0, stderr[-2000:]
+  steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+  assert steps == list(range(5, 101, 5))
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_one_line(data_dir, tmp_path):
