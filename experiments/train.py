@@ -53,7 +53,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from experiments.cli import fail, flag_error_line
-from experiments.report import markdown_table
+from experiments.report_tables import markdown_table
 from sparsejax import train as train_lib
 from sparsejax.train.sharding import is_primary
 

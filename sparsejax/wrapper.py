@@ -66,7 +66,16 @@ class SparseTransformation(optax.GradientTransformationExtraArgs):
 
   def __new__(cls, init: Callable[..., Any], update: Callable[..., Any],
               is_update_step: Callable[[int], bool] = never) -> SparseTransformation:
-    tx = super().__new__(cls, init, update)
+    # Jitted, so that a call outside jit (a notebook, the README's first example) runs
+    # one compiled program instead of dispatching hundreds of operations one by one;
+    # inside the user's jitted step it is inlined like any nested jit.
+    compiled = jax.jit(update, static_argnames="mask_update")
+
+    def update_fn(updates, state, params=None, mask_update=None, **extra_args):
+      check_mask_update(mask_update)
+      return compiled(updates, state, params, mask_update=mask_update, **extra_args)
+
+    tx = super().__new__(cls, init, update_fn)
     tx.is_update_step = is_update_step
     return tx
 

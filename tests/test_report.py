@@ -9,6 +9,16 @@ import sys
 import pytest
 
 from experiments import report
+from experiments.report_plots import group_name, plot_coverage, write_plots
+from experiments.report_runs import (
+  ReportError,
+  find_runs,
+  load_run,
+  read_metrics,
+  run_info,
+  run_summary,
+)
+from experiments.report_tables import GroupKey, aggregate, group_runs, markdown_table
 from sparsejax.train.records import group_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,12 +126,12 @@ def summaries(runs) -> list[dict]:
 
 
 def test_find_runs(sweep):
-  runs = report.find_runs([sweep])
+  runs = find_runs([sweep])
   assert [path.relative_to(sweep).as_posix() for path in runs] == [
       "dense_s0", "dense_s1", "rigl/s0", "rigl/s1", "rigl/s2", "rigl/s3", "set_s0", "set_s1",
       "static_s0"]
   # A run directory itself, and repeats are dropped.
-  assert report.find_runs([sweep / "rigl" / "s1", sweep / "rigl"]) == [
+  assert find_runs([sweep / "rigl" / "s1", sweep / "rigl"]) == [
       sweep / "rigl" / "s1", sweep / "rigl" / "s0", sweep / "rigl" / "s2", sweep / "rigl" / "s3"]
 
 
@@ -129,36 +139,36 @@ def test_find_runs(sweep):
     ("missing", "no such directory"), ("empty", "no run directories"),
     ("notes.txt", "not a directory")])
 def test_find_runs_errors(sweep, name, message):
-  with pytest.raises(report.ReportError, match=message):
-    report.find_runs([sweep / "dense_s0", sweep / name])
+  with pytest.raises(ReportError, match=message):
+    find_runs([sweep / "dense_s0", sweep / name])
 
 
 def test_load_run_and_info(sweep):
-  finished = report.load_run(sweep / "rigl" / "s1")
+  finished = load_run(sweep / "rigl" / "s1")
   assert finished.finished and len(finished.metrics) == 4 and finished.summary["seed"] == 1
-  unfinished = report.load_run(sweep / "rigl" / "s3")
+  unfinished = load_run(sweep / "rigl" / "s3")
   assert not unfinished.finished and len(unfinished.metrics) == 3
-  info = report.run_info(unfinished)
+  info = run_info(unfinished)
   group = info.pop("group")
   assert group == group_config(unfinished.config) and "seed" not in group
   assert info == {"method": "rigl", "variant": None,
                                          "dataset": "fashion_mnist",
                                          "model": "lenet300100", "seed": 3,
                                          "target_sparsity": 0.9}
-  assert report.run_info(report.load_run(sweep / "dense_s0"))["target_sparsity"] is None
+  assert run_info(load_run(sweep / "dense_s0"))["target_sparsity"] is None
 
 
 def test_read_metrics_skips_a_cut_last_line(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train_lo')
-  assert report.read_metrics(path) == [{"step": 1}, {"step": 2}]
+  assert read_metrics(path) == [{"step": 1}, {"step": 2}]
   path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
-  with pytest.raises(report.ReportError, match=r"metrics.jsonl:2: invalid JSON"):
-    report.read_metrics(path)
+  with pytest.raises(ReportError, match=r"metrics.jsonl:2: invalid JSON"):
+    read_metrics(path)
 
 
 def test_aggregate_means_and_sample_stds(sweep):
-  rows = report.aggregate(summaries(report.load_run(p) for p in report.find_runs([sweep])))
+  rows = aggregate(summaries(load_run(p) for p in find_runs([sweep])))
   assert [(row["key"].method, row["key"].target_sparsity, row["n"]) for row in rows] == [
       ("dense", None, 2), ("rigl", 0.9, 3), ("set", 0.9, 2), ("static", 0.9, 1)]
   dense, rigl, set_, static = rows
@@ -176,8 +186,8 @@ def test_aggregate_means_and_sample_stds(sweep):
 
 
 def test_markdown_table_of_the_sweep(sweep):
-  table = report.markdown_table(
-      summaries(report.load_run(p) for p in report.find_runs([sweep])))
+  table = markdown_table(
+      summaries(load_run(p) for p in find_runs([sweep])))
   assert table.splitlines() == [HEADER, "|---|---|---:|---:|---:|---:|---:|---:|",
                                 *EXPECTED_ROWS]
 
@@ -188,7 +198,7 @@ def test_markdown_table_order_and_dataset_column():
             "target_sparsity": target, "sparsity": target or 0.0, "test_accuracy": accuracy,
             "train_flops_ratio": None, "inference_flops_ratio": 1.0, "coverage": None}
 
-  table = report.markdown_table([
+  table = markdown_table([
       summary("mnist", "lenet5", "rigl", 0.95, 0.9), summary("mnist", "lenet5", "rigl", 0.8, 0.9),
       summary("fashion_mnist", "lenet5", "dst", None, 0.8),
       summary("mnist", "lenet5", "dense", None, 0.99),
@@ -203,33 +213,33 @@ def test_markdown_table_order_and_dataset_column():
       ["| rigl", "lenet5", "mnist", "0.800"],
       ["| rigl", "lenet5", "mnist", "0.950"]]
   assert "| 85.00 ± 7.07 | 2 | - | 1.00 | - |" in lines[2]
-  assert report.markdown_table([]).count("\n") == 1  # the header alone
+  assert markdown_table([]).count("\n") == 1  # the header alone
 
 
 def test_group_names_are_filesystem_safe():
-  assert report.group_name(report.GroupKey("fashion_mnist", "lenet300100", "rigl", 0.9)) == (
+  assert group_name(GroupKey("fashion_mnist", "lenet300100", "rigl", 0.9)) == (
       "fashion_mnist-lenet300100-rigl-0.9")
-  assert report.group_name(report.GroupKey("my data", "res/net 50", "dense", None)) == (
+  assert group_name(GroupKey("my data", "res/net 50", "dense", None)) == (
       "my_data-res_net_50-dense")
-  assert report.group_name(report.GroupKey("..", "a\\b:c", "x*", 0.95)) == "_-a_b_c-x-0.95"
+  assert group_name(GroupKey("..", "a\\b:c", "x*", 0.95)) == "_-a_b_c-x-0.95"
 
 
 def test_group_runs_puts_finished_runs_first(sweep):
-  runs = [report.load_run(p) for p in report.find_runs([sweep])]
-  groups = report.group_runs(runs)
+  runs = [load_run(p) for p in find_runs([sweep])]
+  groups = group_runs(runs)
   assert [key.method for key in groups] == ["dense", "rigl", "set", "static"]
   rigl = next(members for key, members in groups.items() if key.method == "rigl")
-  assert [report.run_info(run)["seed"] for run in rigl] == [0, 1, 2, 3]
+  assert [run_info(run)["seed"] for run in rigl] == [0, 1, 2, 3]
   assert [run.finished for run in rigl] == [True, True, True, False]
 
 
 def test_write_plots(sweep, tmp_path):
   from matplotlib.image import imread
 
-  runs = [report.load_run(p) for p in report.find_runs([sweep])]
+  runs = [load_run(p) for p in find_runs([sweep])]
   out = tmp_path / "out"
   out.mkdir()
-  written = report.write_plots(runs, out)
+  written = write_plots(runs, out)
   expected = ["accuracy_vs_sparsity.png", "accuracy_vs_coverage.png",
               *(f"loss_{PREFIX}-{name}.png"
                 for name in ("dense", "rigl-0.9", "set-0.9", "static-0.9")),
@@ -243,12 +253,12 @@ def test_write_plots(sweep, tmp_path):
 
 
 def test_coverage_plot_needs_a_run_with_coverage(sweep, tmp_path):
-  runs = [report.load_run(p) for p in report.find_runs([sweep])]
-  rows = report.aggregate([report.run_summary(run) for run in runs if run.finished])
-  assert report.plot_coverage(rows, tmp_path / "a.png") == tmp_path / "a.png"
+  runs = [load_run(p) for p in find_runs([sweep])]
+  rows = aggregate([run_summary(run) for run in runs if run.finished])
+  assert plot_coverage(rows, tmp_path / "a.png") == tmp_path / "a.png"
   without = [row for row in rows if row["coverage"] is None]
   assert {row["key"].method for row in without} == {"dense", "static"}
-  assert report.plot_coverage(without, tmp_path / "b.png") is None
+  assert plot_coverage(without, tmp_path / "b.png") is None
   assert not (tmp_path / "b.png").exists()
 
 
@@ -307,6 +317,13 @@ def test_importing_defines_no_flag():
   assert "out" not in flags.FLAGS  # experiments.train imports markdown_table from here
 
 
+def test_importing_the_report_does_not_import_matplotlib():
+  code = "import sys, experiments.report; print('matplotlib' in sys.modules)"
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=True)
+  assert result.stdout.strip() == "False"
+
+
 def test_dst_runs_are_grouped_by_alpha():
   def summary(alpha, accuracy, seed):
     return {"method": "dst", "variant": f"alpha={alpha:g}", "dataset": "fashion_mnist",
@@ -314,6 +331,6 @@ def test_dst_runs_are_grouped_by_alpha():
             "test_accuracy": accuracy, "train_flops_ratio": 0.5, "inference_flops_ratio": 0.1,
             "coverage": 1.0}
 
-  rows = report.aggregate([summary(5e-4, 0.8, 0), summary(5e-4, 0.9, 1), summary(1e-3, 0.7, 0)])
+  rows = aggregate([summary(5e-4, 0.8, 0), summary(5e-4, 0.9, 1), summary(1e-3, 0.7, 0)])
   assert [(row["key"].method, row["n"]) for row in rows] == [
       ("dst (alpha=0.0005)", 2), ("dst (alpha=0.001)", 1)]
