@@ -33,9 +33,14 @@ import sys
 from absl import app, flags
 
 from experiments.cli import fail, flag_error_line
-from experiments.report_plots import write_plots
-from experiments.report_runs import ReportError, find_runs, load_run, run_summary
-from experiments.report_tables import markdown_table
+from sparsejax import extras
+
+try:
+  from experiments.report_plots import write_plots
+  from experiments.report_runs import ReportError, find_runs, load_run, run_summary
+  from experiments.report_tables import markdown_table
+except ImportError as e:  # the report's packages come with sparsejax[experiments]
+  fail(str(e), 1)
 
 REPORT_FILE = "report.md"
 DEFAULT_OUT = "report"
@@ -76,6 +81,10 @@ def main(argv: Sequence[str]) -> None:
   if not paths:
     fail("give at least one run directory: python -m experiments.report DIR [DIR ...]",
           INPUT_ERROR)
+  try:
+    extras.require(extras.REPORT, "python -m experiments.report")
+  except ImportError as e:
+    fail(str(e), OUTPUT_ERROR)
   try:
     runs = [load_run(path) for path in find_runs(paths)]
   except ReportError as e:

@@ -53,9 +53,13 @@ import ml_collections
 from ml_collections import config_flags
 
 from experiments.cli import fail, flag_error_line
-from experiments.report_tables import markdown_table
-from sparsejax import train as train_lib
-from sparsejax.train.sharding import is_primary
+
+try:
+  from experiments.report_tables import markdown_table
+  from sparsejax import train as train_lib
+  from sparsejax.train.sharding import is_primary
+except ImportError as e:  # the runner's packages come with sparsejax[experiments]
+  fail(str(e), 1)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)

@@ -1,4 +1,12 @@
-"""The experiment runner: configs, the training loop, checkpoints, metrics logs, models."""
+"""The experiment runner: configs, the training loop, checkpoints, metrics logs, models.
+
+It needs the ``experiments`` extra (``pip install 'sparsejax[experiments]'``); without it,
+importing this package raises one ImportError line naming it.
+"""
+
+from sparsejax import extras
+
+extras.require(extras.RUNNER, "the experiment runner (sparsejax.train)")
 
 from sparsejax.train.checkpoints import CheckpointError, UnreadableCheckpoints
 from sparsejax.train.experiment_config import validate_config, with_method
