@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from typing import NoReturn
@@ -21,3 +22,27 @@ def flag_error_line(error: flags.Error) -> str:
   if len(lines) > 1 and "Traceback" in str(error):  # e.g. an exception raised by get_config
     lines = [re.sub(r"^\w+: ", "", lines[-1])]
   return " ".join(lines)
+
+
+def quiet_checkpoint_errors() -> None:
+  """Leaves a failed checkpoint to the runner's one line: drops orbax's own error logs,
+  asyncio's reports of orbax's other failed writes, and the tracebacks of tensorstore
+  callbacks that arrive after orbax's event loop closed (reported as unraisable)."""
+  logging.getLogger("absl").addFilter(
+      lambda record: not (record.levelno >= logging.ERROR and "/orbax/" in record.pathname))
+  logging.getLogger("asyncio").addFilter(  # orbax's writes that failed after the first one
+      lambda record: "/orbax/" not in record.getMessage())
+  default_hook, default_unraisable = sys.excepthook, sys.unraisablehook
+
+  def closed_loop(value: BaseException | None) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+  def hook(kind, value, traceback):
+    if not closed_loop(value):
+      default_hook(kind, value, traceback)
+
+  def unraisable(report):
+    if not closed_loop(report.exc_value):
+      default_unraisable(report)
+
+  sys.excepthook, sys.unraisablehook = hook, unraisable

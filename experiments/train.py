@@ -52,7 +52,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from experiments.cli import fail, flag_error_line
+from experiments.cli import fail, flag_error_line, quiet_checkpoint_errors
 
 try:
   from experiments.report_tables import markdown_table
@@ -205,6 +205,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO
     logging.set_verbosity(logging.WARNING)
+  quiet_checkpoint_errors()
   start_distributed()
   config = _loaded_config()
   try:
