@@ -1,6 +1,7 @@
 """sparsejax: sparse training for any Flax model through its optax chain."""
 
 from sparsejax import schedules, scores
+from sparsejax.compact import CompactKernel, compact, compact_bytes
 from sparsejax.masks import (
     keep_non_kernels_dense,
     keep_non_weights_dense,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivityCounts",
+    "CompactKernel",
     "DSTState",
     "GSEState",
     "LayerStatistics",
@@ -36,6 +38,8 @@ __all__ = [
     "SparseState",
     "SparseTransformation",
     "Topology",
+    "compact",
+    "compact_bytes",
     "coverage",
     "drop_and_grow",
     "dst",

@@ -4,26 +4,32 @@
 for linen; :mod:`sparsejax.nn.nnx` for flax.nnx) and the transformations that train
 and rewire them (:func:`gse`, :func:`rigl`, :func:`set`), composed with any optax
 optimizer. The module docstrings of :mod:`sparsejax.nn.layers` and
-:mod:`sparsejax.nn.growth` show the training step.
+:mod:`sparsejax.nn.growth` show the training step. :func:`sparse_apply` runs an
+unchanged linen model on the compact kernels of a masked model (``sj.compact``).
 """
 
 from sparsejax.nn import nnx
 from sparsejax.nn.connections import connection_count, random_connections
 from sparsejax.nn.growth import AlwaysSparseState, gse, rigl, set, topology  # noqa: A004
+from sparsejax.nn.inference import SlotKernel, prepare, runtime_bytes, sparse_apply
 from sparsejax.nn.kernels import pair_gradients, sparse_matmul
 from sparsejax.nn.layers import SparseConv, SparseDense, summary
 
 __all__ = [
     "AlwaysSparseState",
+    "SlotKernel",
     "SparseConv",
     "SparseDense",
     "connection_count",
     "gse",
     "nnx",
     "pair_gradients",
+    "prepare",
     "random_connections",
     "rigl",
+    "runtime_bytes",
     "set",
+    "sparse_apply",
     "sparse_matmul",
     "summary",
     "topology",

@@ -1,0 +1,214 @@
+"""Running an unchanged linen model with compact kernels (:mod:`sparsejax.compact`).
+
+:func:`prepare` turns the stored compressed rows into the runtime form, a
+:class:`SlotKernel`: for every output unit of its layer a fixed number of slots (the
+layer's largest fan-in) holding input positions and values, padding slots holding
+value 0. The padding lives only here, never in what is stored, and
+:func:`runtime_bytes` reports it. :func:`sparse_apply` runs the model's ``apply`` with
+``Dense``, ``DenseGeneral`` and ``Conv`` computing from their slots
+(``nn.intercept_methods``) and every other module as usual.
+
+A layer's product gathers, for each slot, one input position per output unit:
+``y[:, n] += x[:, indices[n, s]] * values[n, s]``. Small problems gather all slots at
+once (``[batch, units, slots]``); larger ones walk the slot axis with a ``fori_loop``
+over rows of ``xᵀ`` so that the temporaries stay ``[units, batch]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax.compact import CompactKernel, is_compact
+from sparsejax.masks import path_name
+
+ONE_GATHER_LIMIT = 2**21  # batch · units · slots up to which all slots are gathered at once
+LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotKernel:
+  """A layer's runtime sparse kernel: ``slots`` input positions per output unit.
+
+  Attributes:
+    indices: int32 ``[units, slots]``: flat positions over the kernel's input axes.
+    values: ``[units, slots]``; 0 in padding slots.
+    in_shape: the kernel's input axes (static).
+    out_shape: the kernel's output axes (static).
+    padding: slots holding no weight (static; counted by :func:`runtime_bytes`).
+  """
+  indices: jax.Array
+  values: jax.Array
+  in_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+  out_shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+  padding: int = dataclasses.field(metadata={"static": True})
+
+
+def _slots(kernel: CompactKernel, in_ndim: int) -> SlotKernel:
+  """The slot form of ``kernel`` whose first ``in_ndim`` axes are inputs (host numpy)."""
+  shape = kernel.shape
+  rows, offsets = shape[-1], np.asarray(kernel.offsets)
+  row = np.repeat(np.arange(rows), np.diff(offsets))
+  position = np.asarray(kernel.indices).astype(np.int64) * rows + row  # flat in the kernel
+  fan_in, units = math.prod(shape[:in_ndim]), math.prod(shape[in_ndim:])
+  source, unit = np.divmod(position, units)
+  order = np.lexsort((source, unit))
+  source, unit, values = source[order], unit[order], np.asarray(kernel.values)[order]
+  counts = np.bincount(unit, minlength=units)
+  slots = int(counts.max(initial=0))
+  slot = np.arange(len(unit)) - np.repeat(np.cumsum(counts) - counts, counts)
+  indices = np.zeros((units, slots), np.int32)
+  padded = np.zeros((units, slots), values.dtype)
+  indices[unit, slot], padded[unit, slot] = source, values
+  del fan_in
+  return SlotKernel(indices, padded, tuple(shape[:in_ndim]), tuple(shape[in_ndim:]),
+                    units * slots - len(values))
+
+
+def slot_product(x: jax.Array, kernel: SlotKernel) -> jax.Array:
+  """``x @ W`` for ``x`` ``[batch, fan_in]`` and W given as slots: ``[batch, units]``."""
+  units, slots = kernel.indices.shape
+  batch = x.shape[0]
+  indices, values = jnp.asarray(kernel.indices), jnp.asarray(kernel.values, x.dtype)
+  if slots == 0:
+    return jnp.zeros((batch, units), x.dtype)
+  if batch * units * slots <= ONE_GATHER_LIMIT:
+    return jnp.einsum("bus,us->bu", x[:, indices], values)
+  x_t = x.T  # [fan_in, batch]: every gather reads whole rows
+
+  def body(s, y_t):
+    return y_t + x_t[indices[:, s]] * values[:, s][:, None]
+
+  return jax.lax.fori_loop(0, slots, body, jnp.zeros((units, batch), x.dtype)).T
+
+
+def _in_ndim(module: nn.Module, x: jax.Array) -> int:
+  if isinstance(module, nn.Dense):
+    return 1
+  if isinstance(module, nn.DenseGeneral):
+    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    return len(axis)
+  return len(module.kernel_size) + 1  # Conv: spatial axes and input channels
+
+
+def prepare(model: nn.Module, variables: dict[str, Any], *args: Any, **kwargs: Any
+            ) -> dict[str, Any]:
+  """``variables`` with every compact kernel in its runtime form, for :func:`sparse_apply`.
+
+  The model is traced once (abstractly, nothing computed) with ``args``/``kwargs`` as
+  in ``model.apply`` to learn, for each compact kernel, which of its axes are the
+  layer's inputs.
+
+  Raises:
+    ValueError: one line, for a compact kernel that no ``Dense``, ``DenseGeneral`` or
+      ``Conv`` of the model reads.
+  """
+  found: dict[str, int] = {}
+
+  def record(next_fun, call_args, call_kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and isinstance(module, LAYERS):
+      kernel = module.variables.get("params", {}).get("kernel")
+      if isinstance(kernel, CompactKernel):
+        found["/".join(module.path)] = _in_ndim(module, call_args[0])
+        return _compute(module, call_args[0], dense_kernel=None)
+    return next_fun(*call_args, **call_kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v: model.apply(v, *args, **kwargs), variables)
+
+  def convert(path, leaf):
+    if not isinstance(leaf, CompactKernel):
+      return leaf
+    layer = "/".join(path_name(path).split("/")[1:-1])  # params/<layer path>/kernel
+    if layer not in found:
+      raise ValueError(f"{path_name(path)}: no Dense, DenseGeneral or Conv of the model reads "
+                       "this compact kernel")
+    return _slots(leaf, found[layer])
+
+  return jax.tree_util.tree_map_with_path(convert, variables, is_leaf=is_compact)
+
+
+def _compute(module: nn.Module, x: jax.Array, dense_kernel: Any) -> jax.Array:
+  """The layer's output computed from its slot kernel (abstract shapes allowed)."""
+  params = module.variables["params"]
+  kernel, bias = params["kernel"], params.get("bias")
+  if isinstance(kernel, CompactKernel):  # while preparing: only the shape matters
+    in_ndim = _in_ndim(module, x)
+    kernel = SlotKernel(jnp.zeros((math.prod(kernel.shape[in_ndim:]), 1), jnp.int32),
+                        jnp.zeros((math.prod(kernel.shape[in_ndim:]), 1), kernel.values.dtype),
+                        kernel.shape[:in_ndim], kernel.shape[in_ndim:], 0)
+  del dense_kernel
+  dtype = jnp.result_type(x, kernel.values) if module.dtype is None else module.dtype
+  x = jnp.asarray(x, dtype)
+  fan_in = math.prod(kernel.in_shape)
+  if isinstance(module, nn.Conv):
+    from sparsejax.statistics import conv_patches  # pylint: disable=g-import-not-at-top
+    patches = conv_patches(module, x)  # [batch, *spatial, fan_in]
+    y = slot_product(patches.reshape(-1, fan_in), kernel)
+    y = y.reshape(*x.shape[:-(len(module.kernel_size) + 1)], *patches.shape[1:-1],
+                  *kernel.out_shape)
+  else:
+    if isinstance(module, nn.DenseGeneral):
+      if module.batch_dims:
+        raise NotImplementedError("DenseGeneral with batch_dims")
+      axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+      axis = tuple(a % x.ndim for a in axis)
+      x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
+    lead = x.shape[:x.ndim - len(kernel.in_shape)]
+    y = slot_product(x.reshape(-1, fan_in), kernel).reshape(*lead, *kernel.out_shape)
+  if bias is not None and module.use_bias:
+    y = y + jnp.asarray(bias, dtype)
+  return y
+
+
+def sparse_apply(model: nn.Module, variables: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+  """``model.apply(variables, *args, **kwargs)`` on sparse kernels.
+
+  ``Dense``, ``DenseGeneral`` and ``Conv`` whose kernel is a :class:`SlotKernel`
+  compute sparsely, every other module as usual. Compact kernels (``sj.compact``)
+  are first put in their runtime form by :func:`prepare`; under ``jax.jit`` pass the
+  runtime form (prepare once, outside), as the conversion reads the fan-ins.
+
+  Raises:
+    ValueError: one line, for compact kernels under a transformation.
+  """
+  compact_leaves = [leaf for leaf in jax.tree.leaves(variables, is_leaf=is_compact)
+                    if isinstance(leaf, CompactKernel)]
+  if compact_leaves:
+    if any(isinstance(leaf.values, jax.core.Tracer) for leaf in compact_leaves):
+      raise ValueError("sparse_apply under jit needs the runtime form: call "
+                       "sparsejax.nn.prepare(model, variables, *args) once, outside jit")
+    variables = prepare(model, variables, *args, **kwargs)
+
+  def intercept(next_fun, call_args, call_kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and isinstance(module, LAYERS) and isinstance(
+        module.variables.get("params", {}).get("kernel"), SlotKernel):
+      return _compute(module, call_args[0], dense_kernel=None)
+    return next_fun(*call_args, **call_kwargs)
+
+  with nn.intercept_methods(intercept):
+    return model.apply(variables, *args, **kwargs)
+
+
+def runtime_bytes(variables: Any) -> dict[str, int]:
+  """The runtime form's bytes: ``{"slots", "padding_slots", "padding_bytes", "total"}``."""
+  out = dict.fromkeys(("slots", "padding_slots", "padding_bytes", "total"), 0)
+  for leaf in jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, SlotKernel)):
+    if isinstance(leaf, SlotKernel):
+      per_slot = np.asarray(leaf.values).dtype.itemsize + 4
+      out["slots"] += int(np.asarray(leaf.indices).size)
+      out["padding_slots"] += leaf.padding
+      out["padding_bytes"] += leaf.padding * per_slot
+      out["total"] += int(np.asarray(leaf.indices).size) * per_slot
+    else:
+      out["total"] += int(np.asarray(leaf).nbytes)
+  return out

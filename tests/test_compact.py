@@ -1,0 +1,182 @@
+"""Compact kernels (sj.compact) and the unchanged linen model run on them (sjnn.sparse_apply)."""
+
+import subprocess
+import sys
+
+import flax.linen as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import sparsejax as sj
+from sparsejax.compact import is_compact
+import sparsejax.nn as sjnn
+from sparsejax.nn import inference
+
+
+class ConvAttentionNet(nn.Module):
+  """Conv, BatchNorm, attention (DenseGeneral q/k/v/out) and Dense: every kind compacts."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(8, (3, 3))(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+    x = x.reshape(x.shape[0], -1, 8)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(x)
+    x = nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(10)(x)
+
+
+def trained(method: str, steps: int = 6):
+  """The net trained a few real steps with ``method``: (model, variables, masks, x)."""
+  model = ConvAttentionNet()
+  kx, ky = jax.random.split(jax.random.PRNGKey(1))
+  x, y = jax.random.normal(kx, (16, 6, 6, 3)), jax.random.randint(ky, (16,), 0, 10)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  if method == "dst":
+    tx = sj.dst(optax.sgd(0.1, momentum=0.9), alpha=1e-3)
+  else:
+    tx = sj.rigl(optax.adam(1e-2), sparsity=0.8, update_every=2, end_step=100)
+  params, stats, state = variables["params"], variables["batch_stats"], None
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, stats, state):
+    def loss(p):
+      logits, new = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
+    grads, new = jax.grad(loss, has_aux=True)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), new["batch_stats"], state
+
+  for _ in range(steps):
+    params, stats, state = step(params, stats, state)
+  return model, {"params": params, "batch_stats": stats}, sj.masks(state), x
+
+
+def assert_same_predictions(logits, reference):
+  logits, reference = np.asarray(logits), np.asarray(reference)
+  np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5)
+  top2 = np.sort(reference, -1)[:, -2:]
+  clear = top2[:, 1] - top2[:, 0] > 1e-5
+  assert clear.any()
+  np.testing.assert_array_equal(logits.argmax(-1)[clear], reference.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("method", ["rigl", "dst"])
+def test_sparse_apply_equals_the_masked_model(method):
+  """After real training: every masked kernel compacts, the unchanged model run on them
+  (eagerly and under jit) gives the masked dense model's logits and predictions."""
+  model, variables, masks, x = trained(method)
+  stored = {**variables, "params": sj.compact(variables["params"], masks)}
+  kernels = [leaf for leaf in jax.tree.leaves(stored, is_leaf=is_compact)
+             if isinstance(leaf, sj.CompactKernel)]
+  assert len(kernels) == 7  # conv, q, k, v, out, two dense
+  for kernel, mask in zip(kernels, jax.tree.leaves(masks), strict=True):
+    assert kernel.nnz == int(np.asarray(mask).sum())
+  reference = model.apply(variables, x)
+  assert_same_predictions(sjnn.sparse_apply(model, stored, x), reference)
+  runtime = sjnn.prepare(model, stored, x)
+  jitted = jax.jit(lambda v, x: sjnn.sparse_apply(model, v, x))(runtime, x)
+  assert_same_predictions(jitted, reference)
+
+
+def test_the_slot_loop_equals_the_one_gather_path(monkeypatch):
+  model, variables, masks, x = trained("rigl", steps=2)
+  runtime = sjnn.prepare(model, {**variables, "params": sj.compact(variables["params"], masks)},
+                         x)
+  gathered = sjnn.sparse_apply(model, runtime, x)
+  monkeypatch.setattr(inference, "ONE_GATHER_LIMIT", 0)
+  np.testing.assert_allclose(sjnn.sparse_apply(model, runtime, x), gathered, rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_stored_bytes_grow_with_nnz_not_with_the_layer_or_its_densest_unit():
+  """8 bytes per float32 weight and 4 per output unit: the same nnz in a 4× larger layer,
+  or all in one output unit, stores the same values and indices; only the runtime
+  form pads (and says so)."""
+  rng = np.random.default_rng(0)
+
+  def stored(shape, mask):
+    params = {"kernel": rng.normal(size=shape).astype(np.float32)}
+    return sj.compact_bytes(sj.compact(params, {"kernel": mask}))
+
+  small, large, skewed = np.zeros((64, 32), bool), np.zeros((256, 32), bool), np.zeros(
+      (64, 32), bool)
+  small.reshape(-1)[rng.choice(small.size, 200, replace=False)] = True
+  large.reshape(-1)[rng.choice(large.size, 200, replace=False)] = True
+  skewed[:, 0], skewed[:72, 1] = True, True  # output 0 has fan-in 64 (the mean is 6.25)
+  for bytes_ in (stored((64, 32), small), stored((256, 32), large)):
+    assert (bytes_["values"], bytes_["indices"], bytes_["offsets"]) == (800, 800, 132)
+  skewed_bytes = stored((64, 32), skewed)
+  assert skewed_bytes["values"] == 4 * skewed.sum() and skewed_bytes["offsets"] == 132
+  assert skewed_bytes["total"] <= 1.25 * 8 * skewed.sum()
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 7), extra=st.integers(1, 3),
+       density=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_a_compact_kernel_holds_exactly_the_active_weights(rows, cols, extra, density, seed):
+  rng = np.random.default_rng(seed)
+  shape = (extra, rows, cols)
+  mask = rng.random(shape) < density
+  kernel = np.where(mask, rng.normal(size=shape), 0).astype(np.float32)
+  compact = sj.compact({"k": kernel}, {"k": mask})["k"]
+  assert compact.nnz == mask.sum() and compact.offsets[-1] == mask.sum()
+  assert np.all(np.diff(compact.offsets) >= 0)
+  np.testing.assert_array_equal(compact.dense(), kernel)
+
+
+def test_orbax_round_trip_in_another_process(tmp_path):
+  """A compact pytree saved by another process restores here (into the same structure)
+  and runs like the one that was saved."""
+  model, variables, masks, x = trained("rigl", steps=2)
+  stored = {**variables, "params": sj.compact(variables["params"], masks)}
+  path = tmp_path / "compact"
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, stored)
+  script = (
+      "import orbax.checkpoint as ocp\n"
+      "with ocp.StandardCheckpointer() as c:\n"
+      f"  restored = c.restore({str(path)!r})\n"
+      "print(sorted(restored['params']['Dense_0']['kernel']))\n")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == "['indices', 'offsets', 'values']"
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(path, jax.tree.map(np.asarray, stored))
+  assert isinstance(restored["params"]["Dense_0"]["kernel"], sj.CompactKernel)
+  np.testing.assert_array_equal(sjnn.sparse_apply(model, restored, x),
+                                sjnn.sparse_apply(model, stored, x))
+
+
+def test_bad_input_is_one_line():
+  params = {"Dense_0": {"kernel": np.ones((4, 3), np.float32), "bias": np.zeros(3, np.float32)}}
+  good = {"Dense_0": {"kernel": np.ones((4, 3), bool), "bias": None}}
+  with pytest.raises(ValueError, match=r"^Dense_0/kernel: mask shape \[3, 4\] does not match "
+                     r"the kernel's \[4, 3\]$"):
+    sj.compact(params, {"Dense_0": {"kernel": np.ones((3, 4), bool), "bias": None}})
+  with pytest.raises(ValueError, match=r"^masks do not match params: different leaves"):
+    sj.compact(params, {"Dense_0": {"kernel": np.ones((4, 3), bool)}})
+  with pytest.raises(ValueError, match=r"^Dense_0/bias: only kernels with two or more axes"):
+    sj.compact(params, {"Dense_0": {"kernel": None, "bias": np.ones(3, bool)}})
+  class OneDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(x)
+
+  extra = {**params, "extra": {"kernel": np.ones((4, 3), np.float32)}}
+  stored = {"params": sj.compact(extra, {**good, "extra": {"kernel": np.ones((4, 3), bool)}})}
+  x = jnp.ones((2, 4))
+  with pytest.raises(ValueError, match=r"^params/extra/kernel: no Dense, DenseGeneral or "
+                     r"Conv of the model reads this compact kernel$"):
+    sjnn.prepare(OneDense(), stored, x)
+  with pytest.raises(ValueError, match=r"^sparse_apply under jit needs the runtime form"):
+    jax.jit(lambda v: sjnn.sparse_apply(OneDense(), v, x))({"params": sj.compact(params, good)})
