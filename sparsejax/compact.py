@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sparsejax.masks import is_unmasked, path_name
+from sparsejax.masks import is_unmasked, path_name, unbox
 
 
 @jax.tree_util.register_dataclass
@@ -82,7 +82,7 @@ def compact(params: Any, masks: Any) -> Any:
   """Every masked kernel of ``params`` as a :class:`CompactKernel`; dense leaves as they are.
 
   Args:
-    params: the trained params (their masked weights are 0).
+    params: the trained params (their masked weights are 0); an ``nnx.State`` too.
     masks: ``sj.masks(state)``: a pytree like ``params`` with a bool array per masked
       leaf and None for dense leaves.
 
@@ -93,6 +93,7 @@ def compact(params: Any, masks: Any) -> Any:
     ValueError: one line, when the masks do not match the params (structure, a shape,
       a dtype) or a masked leaf is not a kernel (fewer than two axes).
   """
+  params, masks = unbox(params), unbox(masks)  # an nnx.State as the plain pytree it holds
   flat_masks, mask_tree = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_unmasked)
   flat_params, param_tree = jax.tree_util.tree_flatten_with_path(params)
   if len(flat_masks) != len(flat_params) or [p for p, _ in flat_masks] != [

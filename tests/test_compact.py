@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+from flax import nnx
 import flax.linen as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -180,3 +181,50 @@ def test_bad_input_is_one_line():
     sjnn.prepare(OneDense(), stored, x)
   with pytest.raises(ValueError, match=r"^sparse_apply under jit needs the runtime form"):
     jax.jit(lambda v: sjnn.sparse_apply(OneDense(), v, x))({"params": sj.compact(params, good)})
+
+
+class NnxNet(nnx.Module):
+  """The same kinds in flax.nnx: Conv, BatchNorm, MultiHeadAttention (LinearGeneral), Linear."""
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.norm = nnx.BatchNorm(8, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8,
+                                            decode=False, rngs=rngs)
+    self.layers = nnx.List([nnx.Linear(288, 32, rngs=rngs), nnx.Linear(32, 10, rngs=rngs)])
+
+  def __call__(self, x):
+    x = nnx.relu(self.norm(self.conv(x)))
+    x = x.reshape(x.shape[0], -1, 8)
+    x = x + self.attention(x)
+    return self.layers[1](nnx.relu(self.layers[0](x.reshape(x.shape[0], -1))))
+
+
+@pytest.mark.parametrize("method", ["rigl", "dst"])
+def test_nnx_sparsify_equals_the_masked_model(method):
+  """nnx.Optimizer training, then sparsify: every Linear, LinearGeneral and Conv is a
+  SlotLayer computing the masked model's logits (eagerly and under nnx.jit); the
+  original model is unchanged."""
+  model = NnxNet(nnx.Rngs(0))
+  kx, ky = jax.random.split(jax.random.PRNGKey(1))
+  x, y = jax.random.normal(kx, (16, 6, 6, 3)), jax.random.randint(ky, (16,), 0, 10)
+  tx = (sj.dst(optax.sgd(0.1, momentum=0.9), alpha=1e-3) if method == "dst"
+        else sj.rigl(optax.adam(1e-2), sparsity=0.8, update_every=2, end_step=100))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()  # noqa: E731
+    optimizer.update(model, nnx.grad(loss)(model))
+
+  for _ in range(6):
+    step(model, optimizer)
+  model.eval()
+  stored = sj.compact(nnx.state(model, nnx.Param), sj.masks(optimizer.opt_state))
+  sparse = sjnn.sparsify(model, stored)
+  layers = (sparse.conv, sparse.attention.query, sparse.attention.out, *sparse.layers)
+  assert all(isinstance(layer, sjnn.SlotLayer) for layer in layers)
+  assert isinstance(model.layers[0], nnx.Linear)
+  reference = model(x)
+  assert_same_predictions(sparse(x), reference)
+  assert_same_predictions(nnx.jit(lambda m, x: m(x))(sparse, x), reference)

@@ -14,10 +14,12 @@ from sparsejax.nn.growth import AlwaysSparseState, gse, rigl, set, topology  # n
 from sparsejax.nn.inference import SlotKernel, prepare, runtime_bytes, sparse_apply
 from sparsejax.nn.kernels import pair_gradients, sparse_matmul
 from sparsejax.nn.layers import SparseConv, SparseDense, summary
+from sparsejax.nn.sparsify import SlotLayer, sparsify
 
 __all__ = [
     "AlwaysSparseState",
     "SlotKernel",
+    "SlotLayer",
     "SparseConv",
     "SparseDense",
     "connection_count",
@@ -31,6 +33,7 @@ __all__ = [
     "set",
     "sparse_apply",
     "sparse_matmul",
+    "sparsify",
     "summary",
     "topology",
 ]

@@ -89,13 +89,13 @@ def slot_product(x: jax.Array, kernel: SlotKernel) -> jax.Array:
   return jax.lax.fori_loop(0, slots, body, jnp.zeros((units, batch), x.dtype)).T
 
 
-def _in_ndim(module: nn.Module, x: jax.Array) -> int:
-  if isinstance(module, nn.Dense):
-    return 1
-  if isinstance(module, nn.DenseGeneral):
-    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-    return len(axis)
-  return len(module.kernel_size) + 1  # Conv: spatial axes and input channels
+def _in_ndim(layer: Any) -> int:
+  """How many leading kernel axes are inputs, for a linen or nnx dense/general/conv layer."""
+  if hasattr(layer, "kernel_size"):  # Conv: spatial axes and input channels
+    return len(layer.kernel_size) + 1
+  if hasattr(layer, "axis"):  # DenseGeneral, LinearGeneral: the contracted axes
+    return len(layer.axis) if isinstance(layer.axis, (tuple, list)) else 1
+  return 1
 
 
 def prepare(model: nn.Module, variables: dict[str, Any], *args: Any, **kwargs: Any
@@ -117,8 +117,10 @@ def prepare(model: nn.Module, variables: dict[str, Any], *args: Any, **kwargs: A
     if context.method_name == "__call__" and isinstance(module, LAYERS):
       kernel = module.variables.get("params", {}).get("kernel")
       if isinstance(kernel, CompactKernel):
-        found["/".join(module.path)] = _in_ndim(module, call_args[0])
-        return _compute(module, call_args[0], dense_kernel=None)
+        found["/".join(module.path)] = _in_ndim(module)
+        check_supported(module, "/".join(module.path))
+        return compute(module, call_args[0], _placeholder(kernel, _in_ndim(module)),
+                       module.variables["params"].get("bias"))
     return next_fun(*call_args, **call_kwargs)
 
   with nn.intercept_methods(record):
@@ -136,35 +138,48 @@ def prepare(model: nn.Module, variables: dict[str, Any], *args: Any, **kwargs: A
   return jax.tree_util.tree_map_with_path(convert, variables, is_leaf=is_compact)
 
 
-def _compute(module: nn.Module, x: jax.Array, dense_kernel: Any) -> jax.Array:
-  """The layer's output computed from its slot kernel (abstract shapes allowed)."""
-  params = module.variables["params"]
-  kernel, bias = params["kernel"], params.get("bias")
-  if isinstance(kernel, CompactKernel):  # while preparing: only the shape matters
-    in_ndim = _in_ndim(module, x)
-    kernel = SlotKernel(jnp.zeros((math.prod(kernel.shape[in_ndim:]), 1), jnp.int32),
-                        jnp.zeros((math.prod(kernel.shape[in_ndim:]), 1), kernel.values.dtype),
-                        kernel.shape[:in_ndim], kernel.shape[in_ndim:], 0)
-  del dense_kernel
-  dtype = jnp.result_type(x, kernel.values) if module.dtype is None else module.dtype
+def check_supported(layer: Any, name: str) -> None:
+  """Raises ValueError (one line) for a layer the slot kernels cannot compute."""
+  problem = None
+  if getattr(layer, "batch_dims", ()) or getattr(layer, "batch_axis", None):
+    problem = "batch axes"
+  elif getattr(layer, "feature_group_count", 1) != 1:
+    problem = "grouped convolutions"
+  elif isinstance(getattr(layer, "padding", None), str) and layer.padding.upper() not in (
+      "SAME", "VALID"):
+    problem = f"{layer.padding} padding"
+  if problem is not None:
+    raise ValueError(f"{name}: sparse inference does not support {problem}; keep its kernel "
+                     "dense (a None mask) when compacting")
+
+
+def _placeholder(kernel: CompactKernel, in_ndim: int) -> SlotKernel:
+  """A slot kernel of the right shapes (one empty slot per unit), to trace a model."""
+  units = math.prod(kernel.shape[in_ndim:])
+  return SlotKernel(jnp.zeros((units, 1), jnp.int32), jnp.zeros((units, 1), kernel.values.dtype),
+                    kernel.shape[:in_ndim], kernel.shape[in_ndim:], units)
+
+
+def compute(layer: Any, x: jax.Array, kernel: SlotKernel, bias: Any) -> jax.Array:
+  """What a dense, general or conv layer (linen or nnx, by its attributes) outputs for
+  ``x`` with ``kernel`` in slot form and ``bias`` (None for none)."""
+  dtype = jnp.result_type(x, kernel.values) if layer.dtype is None else layer.dtype
   x = jnp.asarray(x, dtype)
   fan_in = math.prod(kernel.in_shape)
-  if isinstance(module, nn.Conv):
+  if hasattr(layer, "kernel_size"):
     from sparsejax.statistics import conv_patches  # pylint: disable=g-import-not-at-top
-    patches = conv_patches(module, x)  # [batch, *spatial, fan_in]
+    patches = conv_patches(layer, x)  # [batch, *spatial, fan_in]
     y = slot_product(patches.reshape(-1, fan_in), kernel)
-    y = y.reshape(*x.shape[:-(len(module.kernel_size) + 1)], *patches.shape[1:-1],
+    y = y.reshape(*x.shape[:-(len(layer.kernel_size) + 1)], *patches.shape[1:-1],
                   *kernel.out_shape)
   else:
-    if isinstance(module, nn.DenseGeneral):
-      if module.batch_dims:
-        raise NotImplementedError("DenseGeneral with batch_dims")
-      axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    if hasattr(layer, "axis"):
+      axis = layer.axis if isinstance(layer.axis, (tuple, list)) else (layer.axis,)
       axis = tuple(a % x.ndim for a in axis)
       x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
     lead = x.shape[:x.ndim - len(kernel.in_shape)]
     y = slot_product(x.reshape(-1, fan_in), kernel).reshape(*lead, *kernel.out_shape)
-  if bias is not None and module.use_bias:
+  if bias is not None and layer.use_bias:
     y = y + jnp.asarray(bias, dtype)
   return y
 
@@ -192,7 +207,8 @@ def sparse_apply(model: nn.Module, variables: dict[str, Any], *args: Any, **kwar
     module = context.module
     if context.method_name == "__call__" and isinstance(module, LAYERS) and isinstance(
         module.variables.get("params", {}).get("kernel"), SlotKernel):
-      return _compute(module, call_args[0], dense_kernel=None)
+      params = module.variables["params"]
+      return compute(module, call_args[0], params["kernel"], params.get("bias"))
     return next_fun(*call_args, **call_kwargs)
 
   with nn.intercept_methods(intercept):

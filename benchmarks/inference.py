@@ -1,0 +1,121 @@
+"""Inference on compact kernels against the dense model, side by side in one process.
+
+Run::
+
+  python benchmarks/inference.py [--repeats 7] [--calls 20]
+
+For each model and sparsity, the masks come from ``sj.static_sparse(..., distribution=
+"erk")`` (the distribution RigL starts from), the params are masked, and
+``sj.compact`` → ``sjnn.prepare`` gives the runtime form. Both forwards are jitted;
+each round times ``calls`` calls of each, interleaved, and the table reports the median
+per-call time and dense ÷ compact (above 1: the compact model is faster). Stored bytes
+are per non-zero weight (values, indices and row offsets); the runtime form's padding
+(slots holding no weight: every output unit has its layer's largest fan-in) is
+reported next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import sparsejax as sj
+import sparsejax.nn as sjnn
+
+
+class MLP(nn.Module):
+  features: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, x):
+    for i, width in enumerate(self.features):
+      x = nn.Dense(width)(x)
+      if i < len(self.features) - 1:
+        x = nn.relu(x)
+    return x
+
+
+class MlpBlock(nn.Module):
+  """A ViT encoder's MLP block: LayerNorm, Dense 4·d with GELU, Dense d, residual."""
+  width: int = 768
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Dense(4 * self.width)(nn.LayerNorm()(x))
+    return x + nn.Dense(self.width)(nn.gelu(y))
+
+
+MODELS = {  # name: (model, input shape without the batch)
+    "mlp4096": (MLP((4096, 4096, 10)), (784,)),
+    "vit_mlp_block": (MlpBlock(768), (197, 768)),
+    "lenet300100": (MLP((300, 100, 10)), (784,)),
+}
+CASES = [("mlp4096", 0.9), ("mlp4096", 0.95), ("mlp4096", 0.99), ("vit_mlp_block", 0.9),
+         ("lenet300100", 0.9)]
+
+
+def _time(fn: Callable[[], jax.Array], calls: int) -> float:
+  start = time.perf_counter()
+  for _ in range(calls):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / calls * 1e3
+
+
+def bench(name: str, sparsity: float, batch: int, repeats: int, calls: int) -> dict[str, float]:
+  model, shape = MODELS[name]
+  x = jax.random.normal(jax.random.PRNGKey(1), (batch, *shape))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  params = variables["params"]
+  masks = sj.masks(sj.static_sparse(optax.sgd(0.0), sparsity=sparsity,
+                                    distribution="erk").init(params))
+  params = jax.tree.map(lambda p, m: p if m is None else p * m, params, masks,
+                        is_leaf=lambda m: m is None)
+  dense_vars = {**variables, "params": params}
+  stored = {**variables, "params": sj.compact(params, masks)}
+  runtime = sjnn.prepare(model, stored, x)
+  dense = jax.jit(model.apply)
+  compact = jax.jit(lambda v, x: sjnn.sparse_apply(model, v, x))
+  for fn, v in ((dense, dense_vars), (compact, runtime)):
+    jax.block_until_ready(fn(v, x))
+  rounds: dict[str, list[float]] = {"dense": [], "compact": []}
+  for _ in range(repeats):
+    rounds["dense"].append(_time(lambda: dense(dense_vars, x), calls))
+    rounds["compact"].append(_time(lambda: compact(runtime, x), calls))
+  sizes, padding = sj.compact_bytes(stored), sjnn.runtime_bytes(runtime)
+  dense_ms, compact_ms = (statistics.median(rounds[k]) for k in ("dense", "compact"))
+  ratios = [d / c for d, c in zip(rounds["dense"], rounds["compact"])]
+  return {"dense_ms": dense_ms, "compact_ms": compact_ms, "speedup": statistics.median(ratios),
+          "bytes_per_nnz": (sizes["values"] + sizes["indices"] + sizes["offsets"]) / sizes["nnz"],
+          "stored_mb": sizes["total"] / 2**20, "dense_mb": sizes["dense_total"] / 2**20,
+          "padding": padding["padding_slots"] / max(padding["slots"], 1)}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median)")
+  parser.add_argument("--calls", type=int, default=20, help="calls per variant and round")
+  parser.add_argument("--batches", default="1,256", help="comma-separated batch sizes")
+  args = parser.parse_args(argv)
+  print(f"command: `python benchmarks/inference.py --repeats {args.repeats} --calls "
+        f"{args.calls} --batches {args.batches}`\n")
+  print("| model | sparsity | batch | dense (ms) | compact (ms) | dense ÷ compact | stored: bytes "
+        "per nnz, MB (dense MB) | runtime padding |")
+  print("|---|---:|---:|---:|---:|---:|---|---:|")
+  for name, sparsity in CASES:
+    for batch in (int(b) for b in args.batches.split(",")):
+      r = bench(name, sparsity, batch, args.repeats, args.calls)
+      print(f"| {name} | {sparsity:.2f} | {batch} | {r['dense_ms']:.3f} | {r['compact_ms']:.3f} "
+            f"| {r['speedup']:.2f} | {r['bytes_per_nnz']:.2f}, {r['stored_mb']:.2f} "
+            f"({r['dense_mb']:.1f}) | {r['padding']:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
