@@ -1,5 +1,6 @@
 """Compact kernels (sj.compact) and the unchanged linen model run on them (sjnn.sparse_apply)."""
 
+import json
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from test_cli import CONFIG, ROOT, SHORT, cli_env, run_cli
 
 import sparsejax as sj
 from sparsejax.compact import is_compact
@@ -228,3 +230,41 @@ def test_nnx_sparsify_equals_the_masked_model(method):
   reference = model(x)
   assert_same_predictions(sparse(x), reference)
   assert_same_predictions(nnx.jit(lambda m, x: m(x))(sparse, x), reference)
+
+
+def test_the_export_command_compacts_a_finished_run(data_dir, tmp_path):
+  """A RigL run of the real CLI exported: one table with both models' accuracy, 100 %
+  identical predictions and ~8 bytes per non-zero; the compact checkpoint restores in
+  this process and holds the run's nnz. A dense run or an existing --out is one line."""
+  run = tmp_path / "rigl"
+  trained_run = run_cli(f"{CONFIG}:rigl", f"--workdir={run}", *SHORT, data_dir=data_dir)
+  assert trained_run.returncode == 0, trained_run.stderr
+  command = [sys.executable, "-m", "experiments.export", str(run)]
+  result = subprocess.run(command, cwd=ROOT, env=cli_env(data_dir), capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()[2:]]
+  dense, compact = ([cell.strip() for cell in row] for row in rows)
+  assert dense[0] == "rigl, masked dense" and compact[0] == "rigl, compact"
+  assert dense[1] == compact[1] and compact[2] == "100.00"
+  assert 8.0 <= float(compact[4]) <= 1.25 * 8
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore((run / "compact").absolute())
+  nnz = {f"{name}/kernel": len(layer["kernel"]["values"])
+         for name, layer in restored["params"].items()}
+  sizes = {"Dense_0/kernel": 784 * 300, "Dense_1/kernel": 300 * 100, "Dense_2/kernel": 100 * 10}
+  layers = json.loads((run / "summary.json").read_text())["layers"]
+  assert nnz == {name: round(sizes[name] * (1 - sparsity)) for name, sparsity in layers.items()}
+  again = subprocess.run(command, cwd=ROOT, env=cli_env(data_dir), capture_output=True,
+                         text=True, timeout=300, check=False)
+  assert again.returncode == 2
+  assert again.stderr.strip().endswith("exists; give another directory")
+  dense_run = tmp_path / "dense"
+  assert run_cli(f"{CONFIG}:dense", f"--workdir={dense_run}", *SHORT,
+                 data_dir=data_dir).returncode == 0
+  refused = subprocess.run([sys.executable, "-m", "experiments.export", str(dense_run)],
+                           cwd=ROOT, env=cli_env(data_dir), capture_output=True, text=True,
+                           timeout=300, check=False)
+  assert refused.returncode == 2
+  assert refused.stderr.strip() == (
+      f"error: {dense_run}: a dense run has no masked kernels to compact")
