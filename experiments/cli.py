@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from typing import NoReturn
@@ -10,9 +11,17 @@ from typing import NoReturn
 from absl import flags
 
 
-def fail(message: str, status: int) -> NoReturn:
-  """Prints ``error: message`` on stderr and exits with ``status``."""
-  print(f"error: {message}", file=sys.stderr)
+def fail(message: str, status: int, last_words: bool = False) -> NoReturn:
+  """Prints ``error: message`` on stderr and exits with ``status``.
+
+  ``last_words``: nothing else reaches stderr after the line (background threads that
+  are still failing, e.g. orbax's writes after a full disk, would print after it).
+  """
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  if last_words:
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, sys.stderr.fileno())
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - kept open until the process exits
   sys.exit(status)
 
 

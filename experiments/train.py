@@ -262,8 +262,8 @@ def main(argv: Sequence[str]) -> None:
       continue
     except train_lib.UnreadableCheckpoints as e:
       fail(str(e), NO_CHECKPOINT)
-    except train_lib.CheckpointError as e:
-      fail(str(e), OUTPUT_ERROR)
+    except train_lib.CheckpointError as e:  # orbax's threads may still be failing
+      fail(str(e), OUTPUT_ERROR, last_words=True)
     if directory is not None:
       say(f"wrote {directory}")
   if primary and summaries:

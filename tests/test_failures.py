@@ -16,6 +16,10 @@ from test_cli import CONFIG, ROOT, checkpoint_leaves, cli_command, cli_env
 
 from experiments import train as cli
 
+# One worker runs this file (pytest-xdist --dist loadgroup): its module fixtures are
+# built once.
+pytestmark = pytest.mark.xdist_group("failures")
+
 RESUME = ["--config.num_steps=400", "--config.batch_size=32", "--config.eval_batch_size=64",
           "--config.log_every=10", "--config.eval_every=50", "--config.checkpoint_every=25",
           "--config.sparse.update_every=20"]

@@ -19,6 +19,10 @@ from test_cli import CONFIG, ROOT, SHORT, checkpoint_leaves, cli_env
 from experiments.train import PREEMPTED
 from sparsejax.train.sharding import leaf_sharding, make_mesh
 
+# One worker runs this file (pytest-xdist --dist loadgroup): its module fixtures are
+# built once.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 # ``python -m experiments.train ARGS`` with CPU steps dispatched synchronously: on this
 # 2-core machine collectives can deadlock under asynchronous dispatch (a test setting,
 # not the library's).
