@@ -15,7 +15,8 @@ CORE_THIRD_PARTY = {"jax", "optax", "numpy", "ml_collections"}
 CORE_OWN = ("sparsejax.masks", "sparsejax.methods", "sparsejax.metrics", "sparsejax.optstate",
             "sparsejax.registry", "sparsejax.schedules", "sparsejax.scores",
             "sparsejax.selection", "sparsejax.topology", "sparsejax.wrapper",
-            "sparsejax.distributions", "sparsejax.sampling", "sparsejax.statistics")
+            "sparsejax.distributions", "sparsejax.sampling", "sparsejax.statistics",
+            "sparsejax.compact", "sparsejax.extras")
 
 
 def module_imports(path: Path) -> set[str]:
