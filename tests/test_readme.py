@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # What the README's fragments take as given: a linen model, its params, a batch, a loss.
@@ -35,13 +37,12 @@ CALLS = {
 
 RUNNER = """
 import contextlib, io, json, sys
-context, blocks = json.loads(sys.stdin.read())
-for index, (code, call) in enumerate(blocks):
-  namespace, out = {}, io.StringIO()
-  exec(context, namespace)
-  with contextlib.redirect_stdout(out):
-    exec(compile(code + "\\n" + call, f"README block {index}", "exec"), namespace)
-  print(json.dumps(out.getvalue()), flush=True)
+context, code, call = json.loads(sys.stdin.read())
+namespace, out = {}, io.StringIO()
+exec(context, namespace)
+with contextlib.redirect_stdout(out):
+  exec(compile(code + "\\n" + call, "README block", "exec"), namespace)
+print(json.dumps(out.getvalue()), flush=True)
 """
 
 
@@ -60,19 +61,23 @@ def expected_output(code: str) -> str | None:
   return "".join(f"{text}\n" for text in said) if said else None
 
 
-def test_every_readme_block_runs_and_prints_what_it_says(tmp_path):
+def test_the_readme_has_its_blocks_and_every_call_key_matches_one():
   blocks = readme_blocks()
-  assert len(blocks) >= 9
-  calls = [next((call for key, call in CALLS.items() if key in code), "") for code in blocks]
-  assert calls.count("") == len(blocks) - len(CALLS), "a CALLS key matches no README block"
+  assert len(blocks) >= 10
+  for key in CALLS:
+    assert sum(key in code for code in blocks) == 1, f"CALLS key matches no single block: {key}"
+
+
+@pytest.mark.parametrize("index", range(len(readme_blocks())))
+def test_a_readme_block_runs_and_prints_what_it_says(index, tmp_path):
+  """Block ``index`` in a fresh process (after the shared context), in an empty directory."""
+  code = readme_blocks()[index]
+  call = next((call for key, call in CALLS.items() if key in code), "")
   result = subprocess.run(
-      [sys.executable, "-c", RUNNER], input=json.dumps([CONTEXT, list(zip(blocks, calls))]),
-      cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+      [sys.executable, "-c", RUNNER], input=json.dumps([CONTEXT, code, call]), cwd=tmp_path,
+      capture_output=True, text=True, timeout=600, check=False,
       env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
-  assert result.returncode == 0, result.stderr[-3000:]
-  printed = [json.loads(line) for line in result.stdout.splitlines()]
-  assert len(printed) == len(blocks)
-  for index, (code, output) in enumerate(zip(blocks, printed)):
-    expected = expected_output(code)
-    if expected is not None:
-      assert output == expected, f"README block {index}"
+  assert result.returncode == 0, f"README block {index}:\n{code}\n{result.stderr[-3000:]}"
+  expected = expected_output(code)
+  if expected is not None:
+    assert json.loads(result.stdout.splitlines()[-1]) == expected, f"README block {index}"
