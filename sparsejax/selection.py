@@ -91,15 +91,34 @@ def _per_segment(flags: jax.Array, group_segment: jax.Array, count: int) -> jax.
                              indices_are_sorted=True)
 
 
+def count_true(flags: jax.Array) -> jax.Array:
+  """Number of True entries of a bool array, as an int32 scalar.
+
+  Sums groups of 8 as uint8 first: a plain int32 sum makes XLA:CPU materialise a
+  4-byte copy of every flag before reducing.
+  """
+  flat = flags.reshape(-1)
+  if flat.size % _ROW_GROUP:
+    return jnp.sum(flat, dtype=jnp.int32)
+  return jnp.sum(jnp.sum(flat.reshape(-1, _ROW_GROUP), axis=1, dtype=jnp.uint8),
+                 dtype=jnp.int32)
+
+
 def _first_in_order(tied: jax.Array, room: jax.Array, row_segment: jax.Array,
                     count: int) -> jax.Array:
-  """In every segment, the first ``room[s]`` True entries of ``tied`` in row-major order."""
-  per_row = jnp.sum(tied, axis=1, dtype=jnp.int32)
+  """In every segment, the first ``room[s]`` True entries of ``tied`` in row-major order.
+
+  Counts within a row (at most ``_COLUMNS``) run in uint8, so that this branch's
+  temporaries stay a byte per entry: XLA:CPU allocates them at every step of the
+  program, whether or not ties occur.
+  """
+  per_row = jnp.sum(tied, axis=1, dtype=jnp.uint8).astype(jnp.int32)
   before_row = jnp.cumsum(per_row) - per_row  # True entries in all earlier rows
   segment_start = jax.ops.segment_min(before_row, row_segment, num_segments=count,
                                       indices_are_sorted=True)
   room_at_row = room[row_segment] - (before_row - segment_start[row_segment])
-  return tied & (jnp.cumsum(tied, axis=1, dtype=jnp.int32) <= room_at_row[:, None])
+  room_at_row = jnp.clip(room_at_row, 0, _COLUMNS).astype(jnp.uint8)
+  return tied & (jnp.cumsum(tied, axis=1, dtype=jnp.uint8) <= room_at_row[:, None])
 
 
 def top_k_masks(scores: list[jax.Array], k: jax.Array | int,

@@ -224,40 +224,62 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
               state._replace(step=step, inner_state=inner_state, masks_changed=no,
                              dense_gradient=no))
 
-    def rewire(key, extra, inner_state):
-      """New masks; grown weights get the inner optimizer's initial state."""
+    def rewire(key, extra):
+      """New masks and method state from this step's scores."""
       key, score_key = jax.random.split(key)
       masks, extra = topology.update_masks(
           ScoreInputs(params, updates, state.masks, score_key, step, extra, extra_args))
+      return masks, key, extra
+
+    def reset_grown(masks, inner_state):
+      """Grown weights get the inner optimizer's initial state; ever-active; changed."""
       grown = map_masked(lambda new, old: new & ~old, masks, state.masks)
-      ever = map_masked(jnp.logical_or, masks, state.ever_active)
-      changed = any_leaf(map_masked(jnp.not_equal, masks, state.masks))
-      return masks, key, extra, reset_entries(inner, inner_state, params, grown), ever, changed
+      return (reset_entries(inner, inner_state, params, grown),
+              map_masked(jnp.logical_or, masks, state.ever_active),
+              any_leaf(map_masked(jnp.not_equal, masks, state.masks)))
 
-    def keep(key, extra, inner_state):
-      return state.masks, key, extra, inner_state, state.ever_active, jnp.zeros((), bool)
+    if mask_update:
+      # The host says this step updates masks: no cond and, below, no selects over the
+      # optimizer state (which make XLA copy it).
+      is_update = jnp.ones((), bool)
+      finite = all_finite(updates, state.masks)
+      masks, key, extra = optax.tree.where(finite, rewire(state.key, state.extra),
+                                           (state.masks, state.key, state.extra))
+      inner_state, ever, changed = reset_grown(masks, state.inner_state)
+    else:
+      def rewire_and_reset(key, extra, inner_state):
+        masks, key, extra = rewire(key, extra)
+        return (masks, key, extra, *reset_grown(masks, inner_state))
 
-    is_update = topology.is_update_step(step)
-    # Reading every gradient for the finiteness check is only needed at update steps.
-    finite = jax.lax.cond(is_update, lambda: all_finite(updates, state.masks),
-                          lambda: jnp.ones((), bool))
-    rewiring = is_update & finite
+      def keep(key, extra, inner_state):
+        return state.masks, key, extra, inner_state, state.ever_active, jnp.zeros((), bool)
+
+      is_update = topology.is_update_step(step)
+      # Reading every gradient for the finiteness check is only needed at update steps.
+      finite = jax.lax.cond(is_update, lambda: all_finite(updates, state.masks),
+                            lambda: jnp.ones((), bool))
+      # Only masks, key, method state and the inner state cross the cond; the weights'
+      # update stays outside it, fused with the rest of the step.
+      masks, key, extra, inner_state, ever, changed = jax.lax.cond(
+          is_update & finite, rewire_and_reset, keep, state.key, state.extra,
+          state.inner_state)
     nonfinite = state.nonfinite_updates + (is_update & ~finite).astype(jnp.int32)
-    # Only masks, key, method state and the inner state cross the cond; the weights'
-    # update stays outside it, fused with the rest of the step.
-    masks, key, extra, inner_state, ever, changed = jax.lax.cond(
-        rewiring, rewire, keep, state.key, state.extra, state.inner_state)
     if topology.train_at_update:
       trained = map_masked(jnp.logical_and, masks, state.masks)
       inner_updates, inner_state = train(trained, inner_state)
+    elif mask_update:
+      # An update step only rewires: zero updates, and the (reset) state.
+      trained = masks
+      shapes = jax.eval_shape(train, state.masks, inner_state)[0]
+      inner_updates = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
     else:
-      # At a mask update the step is skipped: zero updates and the (reset) state. The
-      # selects fuse into the optimizer's own elementwise update.
+      # The same, where the schedule says so (also when a non-finite gradient kept the
+      # masks). The selects fuse into the optimizer's own elementwise update.
       trained = masks
       stepped_updates, stepped_state = train(state.masks, inner_state)
-      inner_updates = optax.tree.where(rewiring, optax.tree.zeros_like(stepped_updates),
+      inner_updates = optax.tree.where(is_update, optax.tree.zeros_like(stepped_updates),
                                        stepped_updates)
-      inner_state = optax.tree.where(rewiring, inner_state, stepped_state)
+      inner_state = optax.tree.where(is_update, inner_state, stepped_state)
     # Dropped weights become exactly 0; grown ones were masked, hence 0 already.
     return (_masked_updates(inner_updates, trained, params),
             SparseState(step, key, masks, inner_state, extra, nonfinite, changed,

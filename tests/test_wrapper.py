@@ -1,5 +1,7 @@
 """The core contract: params exactly sparse after apply_updates alone, with any inner optimizer."""
 
+import functools
+
 import chex
 from conftest import (
   assert_exactly_sparse,
@@ -19,6 +21,7 @@ import pytest
 
 import sparsejax as sj
 from sparsejax.masks import leaf_names
+from sparsejax.wrapper import apply_masks
 
 INNER = {
     "sgd": lambda: optax.sgd(0.1),
@@ -244,17 +247,23 @@ def test_summary_with_params_reports_weights_the_masks_do_not_explain(mlp):
     assert (layer["nonzero_masked"] > 0) == bool(violations)
 
 
+@pytest.mark.parametrize("mask_update", [None, True], ids=["checked", "host-scheduled"])
 @pytest.mark.parametrize("inner", [optax.sgd(0.1), optax.apply_if_finite(optax.sgd(0.1), 5)],
                          ids=["sgd", "apply_if_finite"])
-def test_a_non_finite_gradient_never_changes_the_masks(mlp, inner):
+def test_a_non_finite_gradient_never_changes_the_masks(mlp, inner, mask_update):
   params, loss = mlp
   tx = sj.rigl(inner, sparsity=0.7, update_every=1, end_step=10)
   state = tx.init(params)
   grads = jax.grad(loss)(params)
   grads["Dense_0"]["kernel"] = grads["Dense_0"]["kernel"].at[3].set(jnp.nan)  # a NaN row
-  updates, new_state = jax.jit(tx.update)(grads, state, params)
+  updates, new_state = jax.jit(functools.partial(tx.update, mask_update=mask_update))(
+      grads, state, params)
   chex.assert_trees_all_equal(sj.masks(new_state), sj.masks(state))
   assert int(new_state.nonfinite_updates) == 1
+  # The scheduled update step only rewires: no optimizer step, no NaN in the weights.
+  chex.assert_trees_all_equal(optax.apply_updates(params, updates),
+                              apply_masks(params, sj.masks(state)))
+  chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
   finite = jax.grad(loss)(params)
   _, after = jax.jit(tx.update)(finite, new_state, params)
   assert int(after.nonfinite_updates) == 1
