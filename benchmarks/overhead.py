@@ -27,7 +27,10 @@ Non-update and mask-update steps are timed separately by building each method tw
   ``tx.update`` (what a loop that knows its step passes where ``tx.is_update_step``
   is False, as the runner does): the compiled step holds no mask-update code.
 - **update step**: ``update_every=1, end_step=10**9``, so every step is a mask
-  update (drop/grow or prune selection, inner-state reset). For SET, RigL and
+  update (drop/grow or prune selection, inner-state reset), timed twice: compiled with
+  ``mask_update=True`` (what a loop that knows its step passes where
+  ``tx.is_update_step`` is True, as the runner does: no ``lax.cond``, no selects over
+  the optimizer state), and as the step that checks its schedule. For SET, RigL and
   DST-EE (here with RigL's drop fraction 0.3, its acquisition score at c = 1e-2) and
   GSE (uniform sampling, ``gse``, or GraBo with the statistics computed in the update
   step, ``gse_grabo``; growth fraction 0.15, so α starts at 0.3; global scope) the
@@ -197,7 +200,8 @@ def bench_model(model_key: str, methods: Sequence[str], repeats: int, calls: int
   Returns:
     ``{(method, kind): {"ratio": median per-round ratio to dense, "ms": median ms,
     "faults": minor page faults per timed step}}`` with kind "train" (non-update
-    step), "scheduled" (non-update step with ``mask_update=False``) or "update";
+    step), "scheduled" (non-update step with ``mask_update=False``), "update"
+    (``mask_update=True``) or "checked_update" (update step with the ``lax.cond``);
     dense is ``("dense", "train")``.
   """
   _, features = MODELS[model_key]
@@ -216,6 +220,8 @@ def bench_model(model_key: str, methods: Sequence[str], repeats: int, calls: int
       variants.append(Variant(method, "scheduled", model, make_tx(method, NEVER, sparsity),
                               params, x, y, "none" if guided else None, mask_update=False))
       variants.append(Variant(method, "update", model, make_tx(method, 1, sparsity),
+                              params, x, y, "grabo" if guided else None, mask_update=True))
+      variants.append(Variant(method, "checked_update", model, make_tx(method, 1, sparsity),
                               params, x, y, "grabo" if guided else None))
   for v in variants:  # compile, and run GMP's step-1 pruning outside the timed window
     for _ in range(warmup):
@@ -279,29 +285,33 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   print()
   print("| model | method | non-update step / dense (goal ≤ 1.03; DST ≤ 1.25) "
-        "| the same, `mask_update=False` | update step / dense (goal ≤ 2) |")
+        "| the same, `mask_update=False` | update step, `mask_update=True` / dense (goal ≤ 2) "
+        "| the same, checked |")
   # DST has no separate update step: its whole per-step cost is the first column.
-  print("|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|")
   for m in models:
     res = results[m]
     name = MODELS[m][0]
-    print(f"| {name} | dense | 1.00 ({res[('dense', 'train')]['ms']:.2f} ms) | — | — |")
+    print(f"| {name} | dense | 1.00 ({res[('dense', 'train')]['ms']:.2f} ms) | — | — | — |")
     for method in methods:
       goal = 1.25 if method == "dst" else 1.03
       print(f"| {name} | {method} | {_cell(res[(method, 'train')], goal)} "
             f"| {_cell(res.get((method, 'scheduled')), 1.03)} "
-            f"| {_cell(res.get((method, 'update')), 2.0)} |")
+            f"| {_cell(res.get((method, 'update')), 2.0)} "
+            f"| {_cell(res.get((method, 'checked_update')), 2.0)} |")
   print()
   print("Cells: median over rounds of (variant median ms / dense median ms) in the same round; "
         "in parentheses the variant's median step time.")
   print()
   print("| model | method | minor page faults / non-update step | the same, "
-        "`mask_update=False` | minor page faults / update step |")
-  print("|---|---|---|---|---|")
+        "`mask_update=False` | minor page faults / update step, `mask_update=True` "
+        "| the same, checked |")
+  print("|---|---|---|---|---|---|")
   for m in models:
     res = results[m]
     for method in ["dense", *methods]:
-      cells = [res.get((method, kind)) for kind in ("train", "scheduled", "update")]
+      cells = [res.get((method, kind))
+               for kind in ("train", "scheduled", "update", "checked_update")]
       cells = ["—" if cell is None else f"{cell['faults']:.0f}" for cell in cells]
       print(f"| {MODELS[m][0]} | {method} | {' | '.join(cells)} |")
   print()

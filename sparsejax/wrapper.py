@@ -15,7 +15,7 @@ optimizer step at an update: zero updates, inner state unchanged apart from the
 reset); with ``Topology.train_at_update`` the weights active under both masks also
 take this step's optimizer update. A mask update is skipped, keeping the old masks,
 when a masked leaf's gradient is not finite (``SparseState.nonfinite_updates`` counts
-these).
+these); without ``train_at_update`` such a step then does nothing at all.
 
 The state also says what the step just taken did, for metrics that must not depend on
 a method's name: ``masks_changed``, ``dense_gradient`` (whether the step read the
@@ -56,10 +56,14 @@ class SparseTransformation(optax.GradientTransformationExtraArgs):
   ``tx.is_update_step(step)`` is whether optimizer step ``step`` may change masks by
   the method's schedule, counting steps from 1 (the update taking a state with
   ``state.step == n`` is step ``n + 1``). Its ``update`` takes an optional extra
-  argument ``mask_update``: None (the default) or True compiles the schedule's check
-  into the step; False, given where ``is_update_step`` is False, compiles a step
-  without any mask-update code. False at a step the schedule updates skips that
-  update, so take it from ``is_update_step``.
+  argument ``mask_update``, a Python bool known when the step is traced, or None:
+
+  - None (the default) compiles the schedule's check into the step (a ``lax.cond``);
+  - True compiles an update step: it updates the masks at every call, with no
+    ``lax.cond`` and no selects over the optimizer state;
+  - False compiles a step without any mask-update code.
+
+  True and False skip the schedule's check, so take them from ``is_update_step``.
   """
 
   is_update_step: Callable[[int], bool]
