@@ -209,12 +209,20 @@ def _select(key: jax.Array, row_segment: jax.Array, count: int, k: jax.Array | i
   # Per segment, the largest threshold with at least k eligible keys at or above it.
   kth = jax.lax.fori_loop(0, 32, add_bit, jnp.zeros((count,), jnp.uint32))[row_segment][:, None]
   room = k - _per_segment(key > kth, group_segment, count)
-  tied = (key != 0) & (key == kth)
+  excess_ties = jnp.any(_per_segment((key != 0) & (key == kth), group_segment, count) > room)
+
+  def break_ties(key, room):
+    tied = (key != 0) & (key == kth)
+    return (key > kth) | _first_in_order(tied, jnp.maximum(room, 0), row_segment, count)
+
+  def all_ties(key, room):
+    del room
+    return (key != 0) & (key >= kth)
+
   # Ties at the k-th key are rare for continuous scores: break them only when needed.
-  chosen = jax.lax.cond(jnp.any(_per_segment(tied, group_segment, count) > room),
-                        lambda t, r: _first_in_order(t, r, row_segment, count),
-                        lambda t, r: t, tied, jnp.maximum(room, 0))
-  return (key > kth) | chosen
+  # The selection leaves the cond materialised, so a later selection's layout cannot
+  # fuse this one's keys in: one layout alive at a time.
+  return jax.lax.cond(excess_ties, break_ties, all_ties, key, room)
 
 
 def top_k_each(scores: list[jax.Array], k: jax.Array | list[int],
