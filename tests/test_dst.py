@@ -289,13 +289,20 @@ def test_state_does_not_alias_params_so_both_can_be_donated(mlp):
   assert sj.summary(state)["size"] == 320 + 192 + 48
 
 
-def test_a_non_finite_gradient_never_changes_the_masks(mlp):
+@pytest.mark.parametrize("weight", [None, 5.0], ids=["small-weight", "weight-beyond-H"])
+@pytest.mark.parametrize("value", [jnp.inf, -jnp.inf, jnp.nan])
+def test_a_non_finite_gradient_never_changes_the_masks(mlp, value, weight):
+  """Also where H(|W| − t) = 0 (|W| − t > 1), whose gradient entry the threshold
+  gradient multiplies by 0: the finiteness check reads the threshold gradients."""
   params, loss = mlp
+  if weight is not None:
+    params = {**params, "Dense_1": {**params["Dense_1"],
+                                    "kernel": params["Dense_1"]["kernel"].at[0, 0].set(weight)}}
   tx = sj.dst(optax.apply_if_finite(optax.sgd(1.0), 5), alpha=0.2)
   state = tx.init(params)
   grads = jax.grad(loss)(params)
   bad = {**grads, "Dense_1": {**grads["Dense_1"],
-                              "kernel": grads["Dense_1"]["kernel"].at[0, 0].set(jnp.inf)}}
+                              "kernel": grads["Dense_1"]["kernel"].at[0, 0].set(value)}}
   updates, after = jax.jit(tx.update)(bad, state, params)
   chex.assert_trees_all_equal(sj.masks(after), sj.masks(state))
   assert int(after.nonfinite_updates) == 1

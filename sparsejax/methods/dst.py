@@ -34,6 +34,7 @@ from sparsejax.masks import (
   path_name,
   unbox,
 )
+from sparsejax.selection import count_true
 from sparsejax.wrapper import (
   SparseTransformation,
   all_finite,
@@ -68,9 +69,22 @@ def threshold_masks(weights: Any, thresholds: Any) -> Any:
   return map_masked(lambda t, w: jnp.abs(w) - t > 0, thresholds, weights)
 
 
+def _weighted_estimator(w: jax.Array, t: jax.Array) -> jax.Array:
+  """W ⊙ H(|W| − t): the one array both gradients read.
+
+  Sharing it (XLA merges the two identical expressions) means neither gradient reads
+  the latent weights themselves, so the optimizer can overwrite them in place; reading
+  them after that write would make XLA copy every latent weight at every step.
+  """
+  return w * long_tailed_estimator(jnp.abs(w) - t)
+
+
 def weight_grad(g: jax.Array, w: jax.Array, t: jax.Array, m: jax.Array) -> jax.Array:
-  """∂L/∂W = g ⊙ M + g ⊙ W ⊙ H(|W| − t) ⊙ sign(W), from g = ∂L/∂(W ⊙ M)."""
-  return jnp.where(m, g, 0.0) + g * jnp.abs(w) * long_tailed_estimator(jnp.abs(w) - t)
+  """∂L/∂W = g ⊙ M + g ⊙ W ⊙ H(|W| − t) ⊙ sign(W), from g = ∂L/∂(W ⊙ M).
+
+  Computed as g ⊙ |W ⊙ H(|W| − t)|, equal since H ≥ 0.
+  """
+  return jnp.where(m, g, 0.0) + g * jnp.abs(_weighted_estimator(w, t))
 
 
 def threshold_grad(g: jax.Array, w: jax.Array, t: jax.Array, alpha: float) -> jax.Array:
@@ -78,8 +92,8 @@ def threshold_grad(g: jax.Array, w: jax.Array, t: jax.Array, alpha: float) -> ja
 
   ``t`` spans the last ``t.ndim`` axes of ``w`` (its output units); the others are inputs.
   """
-  h = long_tailed_estimator(jnp.abs(w) - t)
-  return -jnp.sum(g * w * h, axis=tuple(range(w.ndim - t.ndim))) - alpha * jnp.exp(-t)
+  return (-jnp.sum(g * _weighted_estimator(w, t), axis=tuple(range(w.ndim - t.ndim)))
+          - alpha * jnp.exp(-t))
 
 
 def flax_output_axes(path: str, leaf: Any) -> int:
@@ -218,7 +232,10 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
     new_t = map_masked(lambda t, u, w: _recover(optax.apply_updates(t, u), w),
                        state.thresholds, upd_t, new_w)
     # A non-finite gradient never changes the masks (the weights follow the optimizer).
-    finite = all_finite(updates, state.masks)
+    # Every masked gradient entry enters a threshold gradient's sum, multiplied by a
+    # finite W ⊙ H (inf · 0 is NaN): the sums are finite iff the gradients are, and
+    # checking them saves a pass over every gradient.
+    finite = all_finite(grad_t, state.thresholds)
     new_masks = map_masked(lambda new, old: jnp.where(finite, new, old),
                            threshold_masks(new_w, new_t), state.masks)
 
@@ -246,7 +263,7 @@ def dst(inner: optax.GradientTransformation, *, alpha: float = 5e-4,
     return jnp.shape(p)[-n:]
 
   def _recover(t, w):
-    density = jnp.mean(jnp.abs(w) - t > 0)
+    density = count_true(jnp.abs(w) - t > 0) / w.size
     return jnp.where(density <= recovery_density, jnp.zeros_like(t), t)
 
   # Jitted: an eager init dispatches (and compiles) dozens of small ops per leaf.
