@@ -200,29 +200,32 @@ def _select(key: jax.Array, row_segment: jax.Array, count: int, k: jax.Array | i
   group_segment = row_segment[::_ROW_GROUP]
   k = jnp.minimum(k, _per_segment(key != 0, group_segment, count))
 
-  def add_bit(bit, threshold):
+  def add_bit(bit, carry):
+    threshold, at_threshold = carry
     candidate = threshold | (jnp.uint32(1) << jnp.asarray(31 - bit, jnp.uint32))
     # Ineligible keys are 0 < candidate, so they are never counted.
-    enough = _per_segment(key >= candidate[row_segment][:, None], group_segment, count) >= k
-    return jnp.where(enough, candidate, threshold)
+    at_candidate = _per_segment(key >= candidate[row_segment][:, None], group_segment, count)
+    enough = at_candidate >= k
+    return (jnp.where(enough, candidate, threshold),
+            jnp.where(enough, at_candidate, at_threshold))
 
-  # Per segment, the largest threshold with at least k eligible keys at or above it.
-  kth = jax.lax.fori_loop(0, 32, add_bit, jnp.zeros((count,), jnp.uint32))[row_segment][:, None]
-  room = k - _per_segment(key > kth, group_segment, count)
-  excess_ties = jnp.any(_per_segment((key != 0) & (key == kth), group_segment, count) > room)
+  # Per segment, the largest threshold with at least k eligible keys at or above it, and
+  # that number. The threshold is at least 1 (k = 0 accepts every candidate), so keys
+  # at or above it are eligible.
+  kth, at_kth = jax.lax.fori_loop(0, 32, add_bit, (jnp.zeros((count,), jnp.uint32), k))
+  kth = kth[row_segment][:, None]
 
-  def break_ties(key, room):
-    tied = (key != 0) & (key == kth)
-    return (key > kth) | _first_in_order(tied, jnp.maximum(room, 0), row_segment, count)
+  def break_ties(key):
+    room = k - _per_segment(key > kth, group_segment, count)  # >= 0: kth is maximal
+    return (key > kth) | _first_in_order(key == kth, room, row_segment, count)
 
-  def all_ties(key, room):
-    del room
-    return (key != 0) & (key >= kth)
+  def take_all(key):
+    return key >= kth
 
-  # Ties at the k-th key are rare for continuous scores: break them only when needed.
-  # The selection leaves the cond materialised, so a later selection's layout cannot
-  # fuse this one's keys in: one layout alive at a time.
-  return jax.lax.cond(excess_ties, break_ties, all_ties, key, room)
+  # More keys than k at the threshold means ties at the k-th key: rare for continuous
+  # scores, so broken only when needed. The selection leaves the cond materialised, so
+  # a later selection's layout cannot fuse this one's keys in: one layout alive at a time.
+  return jax.lax.cond(jnp.any(at_kth > k), break_ties, take_all, key)
 
 
 def top_k_each(scores: list[jax.Array], k: jax.Array | list[int],
