@@ -50,16 +50,13 @@ def _words(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _checksum_words(leaves: list[jax.Array]) -> jax.Array:
-  """``[len(leaves), 2]`` uint32: two sums of hashes of (word, position) per leaf."""
-  sums = []
-  for leaf in leaves:
-    words = _words(leaf)
-    position = mix32(jnp.arange(words.size, dtype=jnp.uint32))
-    sums.append(jnp.stack([jnp.sum(mix32(words ^ position), dtype=jnp.uint32),
-                           jnp.sum(mix32(words + mix32(position ^ jnp.uint32(0x9E3779B9))),
-                                   dtype=jnp.uint32)]))
-  return jnp.stack(sums) if sums else jnp.zeros((0, 2), jnp.uint32)
+def _checksum(leaf: jax.Array) -> jax.Array:
+  """``[2]`` uint32: two sums of hashes of (word, position) over one array."""
+  words = _words(leaf)
+  position = mix32(jnp.arange(words.size, dtype=jnp.uint32))
+  return jnp.stack([jnp.sum(mix32(words ^ position), dtype=jnp.uint32),
+                    jnp.sum(mix32(words + mix32(position ^ jnp.uint32(0x9E3779B9))),
+                            dtype=jnp.uint32)])
 
 
 def checksums(tree: Any) -> list[str]:
@@ -68,10 +65,12 @@ def checksums(tree: Any) -> list[str]:
   Computed on the devices, as sums of a hash of each 32-bit word and its position:
   integer sums do not depend on the order of reduction, so the checksum of an array is
   the same whatever its sharding and on every process, and any change of its bits
-  changes it but with probability 2**-64.
+  changes it but with probability 2**-64. One small program per array signature (a
+  model has few distinct shapes), not one program over the whole tree, which XLA:CPU
+  compiles for seconds.
   """
-  words = np.asarray(jax.device_get(_checksum_words(jax.tree.leaves(tree))))
-  return [f"{int(a):08x}{int(b):08x}" for a, b in words]
+  words = np.asarray(jax.device_get([_checksum(leaf) for leaf in jax.tree.leaves(tree)]))
+  return [f"{int(a):08x}{int(b):08x}" for a, b in words.reshape(-1, 2)]
 
 
 class Checkpointer:
