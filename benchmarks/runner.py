@@ -21,7 +21,7 @@ import optax
 
 from experiments.configs import fashion_mnist
 from sparsejax.data import ArraySource
-from sparsejax.train import loop
+from sparsejax.train import loop, steps
 
 _ROUNDS = flags.DEFINE_integer("rounds", 15, "Interleaved timing rounds.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Steps per round.")
@@ -31,7 +31,7 @@ def bare_step(experiment: loop.Experiment):
   """The step a user would write: no metrics."""
   model, tx = experiment.model, experiment.tx
 
-  def step(state: loop.TrainState, batch):
+  def step(state: steps.TrainState, batch):
     def loss_fn(params):
       logits = model.apply({"params": params}, batch["image"])
       return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
@@ -64,14 +64,14 @@ def main(argv):
     config.batch_size = 256
     experiment = loop.setup(config, (data, data))
     batch = jax.device_put(experiment.pipeline.batch(0))
-    steps = {"runner": loop.make_train_step(experiment), "bare": bare_step(experiment)}
-    states = {name: jax.tree.map(jnp.copy, experiment.state) for name in steps}
-    for name, step in steps.items():  # compile and warm up
+    variants = {"runner": steps.make_train_step(experiment), "bare": bare_step(experiment)}
+    states = {name: jax.tree.map(jnp.copy, experiment.state) for name in variants}
+    for name, step in variants.items():  # compile and warm up
       states[name], _ = time_steps(step, states[name], batch, 5)
     ratios, bare = [], []
     for _ in range(_ROUNDS.value):
       times = {}
-      for name, step in steps.items():
+      for name, step in variants.items():
         states[name], times[name] = time_steps(step, states[name], batch, _STEPS.value)
       ratios.append(times["runner"] / times["bare"])
       bare.append(times["bare"])

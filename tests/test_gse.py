@@ -345,7 +345,7 @@ def test_the_runner_computes_statistics_at_update_steps_only(mnist_dir, monkeypa
   """:gse with GraEst on LeNet-5 (conv and dense kernels): the statistics step runs at
   the mask updates (steps 2 and 4), the plain step elsewhere, and no update is skipped."""
   from experiments.configs import mnist
-  from sparsejax.train import loop
+  from sparsejax.train import loop, steps
 
   config = mnist.get_config("gse,lenet5")
   config.num_steps, config.batch_size, config.eval_batch_size = 5, 4, 4
@@ -353,7 +353,7 @@ def test_the_runner_computes_statistics_at_update_steps_only(mnist_dir, monkeypa
   config.data.data_dir = str(mnist_dir)
   config.sparse.update(sampling="graest", update_every=2, end_step=4, growth_fraction=0.5)
   calls = []
-  make = loop.make_train_step
+  make = steps.make_train_step
 
   def counting(experiment, with_statistics=False, mask_update=None):
     step = make(experiment, with_statistics, mask_update)
@@ -363,7 +363,7 @@ def test_the_runner_computes_statistics_at_update_steps_only(mnist_dir, monkeypa
       return step(state, batch)
     return counted
 
-  monkeypatch.setattr(loop, "make_train_step", counting)
+  monkeypatch.setattr(steps, "make_train_step", counting)
   experiment = loop.setup(config)
   summary = loop.run(experiment, show_progress=False)
   assert calls == [False, True, False, True, False]

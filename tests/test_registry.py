@@ -15,7 +15,7 @@ from test_train import synthetic_data
 from experiments.configs import fashion_mnist
 import sparsejax as sj
 from sparsejax import registry
-from sparsejax.train import experiment_config, loop
+from sparsejax.train import experiment_config, loop, steps
 from sparsejax.train.logs import read_rows
 
 
@@ -95,7 +95,7 @@ def test_a_registered_method_trains_in_the_runner_with_correct_rows(registered, 
   assert experiment.config.sparse.end_step == 9  # 0.75 of training: updates at 3, 6, 9
 
   # The same steps by hand: the masks of every step, and the weights ever active.
-  step, state = loop.make_train_step(experiment), jax.tree.map(np.copy, experiment.state)
+  step, state = steps.make_train_step(experiment), jax.tree.map(np.copy, experiment.state)
   ever = [np.asarray(m) for m in jax.tree.leaves(sj.masks(state.opt_state))]
   changes = 0
   for s in range(12):

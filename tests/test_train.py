@@ -25,6 +25,7 @@ from sparsejax.train import (
   models,
   optimizers,
   sharding,
+  steps,
 )
 from sparsejax.train.logs import read_rows
 
@@ -333,7 +334,7 @@ def test_checkpoint_survives_donation_after_async_save(data, tmp_path):
   """The train step donates its state right after an asynchronous save started."""
   config = small_config("rigl", num_steps=5)
   experiment = loop.setup(config, data)
-  step = loop.make_train_step(experiment)
+  step = steps.make_train_step(experiment)
   state = step(experiment.state, experiment.pipeline.batch(0))
   saved = jax.tree.map(np.array, state)
   with loop.Checkpointer(tmp_path) as checkpointer:
@@ -478,11 +479,11 @@ def test_skip_leaves_the_state_of_a_non_finite_step_unchanged(data, tmp_path):
   config.sparse.update_every, config.sparse.end_step = bad_step, 100 * bad_step
   runs = {name: loop.setup(config, d) for name, d in (("bad", bad_data), ("clean", data))}
   for name, experiment in runs.items():
-    steps, state = loop.train_steps(experiment), experiment.state
+    step_for, state = steps.train_steps(experiment), experiment.state
     for step in range(1, bad_step + 1):
       before = jax.tree.map(np.asarray, state)
       batch = sharding.shard_batch(experiment.pipeline.batch(step - 1), experiment.mesh)
-      state = steps(step)(jax.tree.map(jax.numpy.asarray, before), batch)
+      state = step_for(step)(jax.tree.map(jax.numpy.asarray, before), batch)
     unchanged = [np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves((before.params, before.opt_state)),
         jax.tree.leaves((state.params, state.opt_state)), strict=True)]

@@ -10,18 +10,9 @@ extras.require(extras.RUNNER, "the experiment runner (sparsejax.train)")
 
 from sparsejax.train.checkpoints import CheckpointError, UnreadableCheckpoints
 from sparsejax.train.experiment_config import validate_config, with_method
-from sparsejax.train.loop import (
-    Experiment,
-    TrainState,
-    build_optimizer,
-    check,
-    load_data,
-    make_evaluate,
-    make_train_step,
-    run,
-    setup,
-)
+from sparsejax.train.loop import Experiment, build_optimizer, check, load_data, run, setup
 from sparsejax.train.models import get_model
+from sparsejax.train.steps import TrainState, make_evaluate, make_train_step
 from sparsejax.train.stopping import Diverged, Preempted
 from sparsejax.train.workdir import check_workdir
 

@@ -21,7 +21,8 @@ import sparsejax.nn as sjnn
 from sparsejax.train import flops, sharding
 
 if TYPE_CHECKING:
-  from sparsejax.train.loop import Experiment, TrainState
+  from sparsejax.train.loop import Experiment
+  from sparsejax.train.steps import TrainState
 
 
 # Keys that do not change what a run trains: runs differing only here are one group.
