@@ -85,10 +85,14 @@ def growth_schedule(growth_fraction: float, start_step: int, end_step: int) -> o
 
 
 def _scatter(chosen: jax.Array, flat: jax.Array | None, size: int) -> jax.Array:
-  """A flat bool mask of ``size`` with the chosen candidates set."""
+  """A flat bool mask of ``size`` with the chosen candidates set.
+
+  A max-scatter of bytes (a logical or, whatever the order of repeated candidates): a
+  byte per weight of scratch, not an int32.
+  """
   if flat is None:
     return chosen
-  return jnp.zeros((size,), jnp.int32).at[flat].add(chosen.astype(jnp.int32)) > 0
+  return jnp.zeros((size,), jnp.uint8).at[flat].max(chosen.astype(jnp.uint8)) > 0
 
 
 def gse_init(key: jax.Array, params: Any, masks: Any) -> Any:
