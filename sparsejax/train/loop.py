@@ -45,7 +45,7 @@ from sparsejax.data import (
 from sparsejax.train import experiment_config as cfg
 from sparsejax.train import flops, records, sharding
 from sparsejax.train.always_sparse import is_always_sparse, method_variables
-from sparsejax.train.checkpoints import Checkpointer, CheckpointError
+from sparsejax.train.checkpoints import Checkpointer, CheckpointError, per_leaf_or_whole
 from sparsejax.train.logs import MetricsWriter, Progress
 from sparsejax.train.models import ALWAYS_SPARSE_MODELS, get_model
 from sparsejax.train.optimizers import learning_rate_schedule, make_optimizer
@@ -355,20 +355,14 @@ def _warn(line: str) -> None:
   print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
-@jax.jit
-def _leaf_is_finite(leaf: jax.Array) -> jax.Array:
-  return jnp.isfinite(leaf).all()
+_finite_leaves = per_leaf_or_whole(lambda leaf: jnp.isfinite(leaf).all())
 
 
 def _state_is_finite(state: TrainState) -> bool:
-  """Whether every inexact array of the params, model state and optimizer state is finite.
-
-  One small program per array signature: one program over the whole state takes
-  XLA:CPU seconds to compile (a reduction kernel per leaf).
-  """
+  """Whether every inexact array of the params, model state and optimizer state is finite."""
   leaves = [x for x in jax.tree.leaves((state.params, state.model_state, state.opt_state))
             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return all(jax.device_get([_leaf_is_finite(x) for x in leaves]))
+  return all(jax.device_get(_finite_leaves(leaves)))
 
 
 def _check_finite(experiment: Experiment, state: TrainState, step: int,
