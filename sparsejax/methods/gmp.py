@@ -17,7 +17,7 @@ from sparsejax.masks import (
   nnz_targets,
 )
 from sparsejax.scores import ScoreInputs
-from sparsejax.selection import top_k_each
+from sparsejax.selection import count_true, top_k_each
 from sparsejax.wrapper import SparseTransformation, Topology, sparse_wrapper
 
 
@@ -92,7 +92,7 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
       def target(mask, final):
         initial = jnp.maximum(round((1.0 - initial_sparsity) * mask.size), final)
         nnz = final + jnp.round((initial - final) * remaining(inputs.step))
-        return jnp.minimum(nnz.astype(jnp.int32), mask.sum(dtype=jnp.int32))
+        return jnp.minimum(nnz.astype(jnp.int32), count_true(mask))
 
       nnz = jnp.stack([target(m, n) for m, n in zip(masks, final_nnz)])
       return top_k_each([jnp.abs(p) for p in params], nnz, eligible=masks)
