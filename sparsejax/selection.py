@@ -2,20 +2,27 @@
 
 A mask update must keep exactly ``k`` entries per leaf, where ``k`` depends on the
 step (a traced value) and leaves can hold millions of scores. A full sort costs
-``O(n log n)`` and ``lax.top_k`` needs a static ``k``; instead we find the k-th
-largest score by a 32-step bisection over the bits of an order-preserving integer
-key (each step counts ``key >= candidate``), then break ties by index. On 1M scores
-this takes a few ms on a CPU core, against ~60 ms for ``lax.top_k`` and ~250 ms for a
-sort (``python benchmarks/topk.py``).
+``O(n log n)`` and ``lax.top_k`` needs a static ``k``; instead we search for a
+threshold on an order-preserving uint32 key of the scores with exactly ``k`` keys at
+or above it: every step is one pass that counts ``key >= candidate``. The search
+starts from a bracket read off a sample of every 17th row, then interpolates the
+counts at the bracket's ends (regula falsi), with bisection as the fallback that
+bounds the worst case: about 10 passes on the scores of a mask update, where a
+bisection over the 32 bits takes 32. Where the k-th key is tied, a second search
+over positions takes the tied keys in row-major order. On 1M scores this takes a
+few ms on a CPU core, against ~60 ms for ``lax.top_k`` and ~250 ms for a sort
+(``python benchmarks/topk.py``).
 
 All arrays of a selection are laid out as one ``[rows, 128]`` key array, each
-array's rows tagged with its *segment*; one bisection finds every segment's k-th key
+array's rows tagged with its *segment*; one search finds every segment's threshold
 at once (counts per row, summed per segment). A mask update of every layer is then
 two selections whatever the number of layers, so its compiled code does not grow
 with the model's depth.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +31,12 @@ import numpy as np
 _SIGN_BIT = np.uint32(0x80000000)  # numpy: importing must not start a JAX backend
 _COLUMNS = 128  # counts run over a [rows, 128] layout
 _ROW_GROUP = 8  # every array's rows padded to a multiple: counts sum 8 rows as uint8 first
+_SAMPLE_STRIDE = 17  # the k-th key's bracket comes from every 17th row of a segment ...
+_SAMPLE_ALL = 8 * _SAMPLE_STRIDE  # ... or from all its rows, when it has at most this many
+_SAMPLE_BITS = 20  # ... found to this many top bits of the key ...
+_SAMPLE_UNIT = np.uint32(1 << (32 - _SAMPLE_BITS))
+_SAMPLE_Z = 4.0  # the bracket's half-width, in standard deviations of the sample quantile
+_SLACK = 4  # passes a segment may take beyond a bisection of its bracket
 
 
 def _layout_rows(n: int) -> int:
@@ -73,7 +86,7 @@ def _layout(scores: list[jax.Array], eligible: list[jax.Array | None], segments:
   if max(sizes.values()) >= 2**31 - len(scores) * _ROW_GROUP * _COLUMNS:  # int32, padded
     raise ValueError(f"top_k_masks supports under 2**31 entries per segment, got "
                      f"{max(sizes.values())}")
-  return jnp.concatenate(keys), jnp.asarray(np.concatenate(row_segments)), starts
+  return jnp.concatenate(keys), np.concatenate(row_segments), starts
 
 
 def _per_segment(flags: jax.Array, group_segment: jax.Array, count: int) -> jax.Array:
@@ -102,23 +115,6 @@ def count_true(flags: jax.Array) -> jax.Array:
     return jnp.sum(flat, dtype=jnp.int32)
   return jnp.sum(jnp.sum(flat.reshape(-1, _ROW_GROUP), axis=1, dtype=jnp.uint8),
                  dtype=jnp.int32)
-
-
-def _first_in_order(tied: jax.Array, room: jax.Array, row_segment: jax.Array,
-                    count: int) -> jax.Array:
-  """In every segment, the first ``room[s]`` True entries of ``tied`` in row-major order.
-
-  Counts within a row (at most ``_COLUMNS``) run in uint8, so that this branch's
-  temporaries stay a byte per entry: XLA:CPU allocates them at every step of the
-  program, whether or not ties occur.
-  """
-  per_row = jnp.sum(tied, axis=1, dtype=jnp.uint8).astype(jnp.int32)
-  before_row = jnp.cumsum(per_row) - per_row  # True entries in all earlier rows
-  segment_start = jax.ops.segment_min(before_row, row_segment, num_segments=count,
-                                      indices_are_sorted=True)
-  room_at_row = room[row_segment] - (before_row - segment_start[row_segment])
-  room_at_row = jnp.clip(room_at_row, 0, _COLUMNS).astype(jnp.uint8)
-  return tied & (jnp.cumsum(tied, axis=1, dtype=jnp.uint8) <= room_at_row[:, None])
 
 
 def top_k_masks(scores: list[jax.Array], k: jax.Array | int,
@@ -156,7 +152,7 @@ def random_subsets(key: jax.Array, sizes: list[int], k: jax.Array | list[int]
   """Uniformly random subsets of ``k[i]`` of ``sizes[i]`` entries, for every ``i``.
 
   The keys of every array are drawn at once, directly in the selection's layout (31
-  random bits, the lowest bit set; padding 0, never chosen), and one selection keeps
+  random bits plus 1; padding 0, never chosen), and one selection keeps
   the ``k[i]`` largest of every array: the compiled code holds one random draw and one
   selection whatever the number of arrays. Equal keys, rare with 31 bits, go to the
   lower index.
@@ -175,21 +171,154 @@ def random_subsets(key: jax.Array, sizes: list[int], k: jax.Array | list[int]
   valid = np.concatenate([np.minimum(np.maximum(n - _COLUMNS * np.arange(r), 0), _COLUMNS)
                           for n, r in zip(sizes, rows)])  # valid columns of every row
   row_segment = np.repeat(np.arange(len(sizes), dtype=np.int32), rows)
-  bits = jax.random.bits(key, (sum(rows), _COLUMNS), jnp.uint32) | jnp.uint32(1)
+  bits = (jax.random.bits(key, (sum(rows), _COLUMNS), jnp.uint32) >> 1) + jnp.uint32(1)
   column = jax.lax.broadcasted_iota(jnp.int32, bits.shape, 1)
   keys = jnp.where(column < jnp.asarray(valid, jnp.int32)[:, None], bits, jnp.uint32(0))
-  chosen = _select(keys, jnp.asarray(row_segment), len(sizes), k)
+  chosen = _select(keys, row_segment, len(sizes), k)
   starts = np.cumsum([0] + rows)
   return [chosen[a:b].reshape(-1)[:n] for a, b, n in zip(starts[:-1], starts[1:], sizes)]
 
 
-def _select(key: jax.Array, row_segment: jax.Array, count: int, k: jax.Array | int
+def _sample_rows(row_segment: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Static rows of a layout that sample every segment, and the segment of each.
+
+  Every ``_SAMPLE_STRIDE``-th row of a segment, counted from its first row (an odd
+  stride, so that it cycles through the row patterns of any power-of-two layer width),
+  and all rows of a segment of at most ``_SAMPLE_ALL`` rows. Each segment's sample is
+  padded to a multiple of ``_ROW_GROUP`` rows with the index ``rows`` (read as zeros:
+  not eligible).
+  """
+  rows = row_segment.size
+  starts = np.flatnonzero(np.r_[True, row_segment[1:] != row_segment[:-1]])
+  ends = np.r_[starts[1:], rows]
+  picked, segments = [], []
+  for start, end in zip(starts, ends):
+    stride = 1 if end - start <= _SAMPLE_ALL else _SAMPLE_STRIDE
+    taken = np.arange(start, end, stride)
+    padded = -(-taken.size // _ROW_GROUP) * _ROW_GROUP
+    picked.append(np.pad(taken, (0, padded - taken.size), constant_values=rows))
+    segments.append(np.full((padded,), row_segment[start], np.int32))
+  return np.concatenate(picked), np.concatenate(segments)
+
+
+def _kth_in_sample(sample: jax.Array, row_segment: np.ndarray, count: int,
+                   ranks: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """Per segment, the keys of the given ranks (1 = largest) of a small layout, rounded down.
+
+  A bisection on the top ``_SAMPLE_BITS`` bits, both ranks in the same passes: every
+  result is the k-th key with its lower bits cleared. A rank above the eligible count
+  gives 0.
+  """
+  group_segment = jnp.asarray(row_segment[::_ROW_GROUP])
+  segment = jnp.asarray(row_segment)
+
+  def add_bit(bit, thresholds):
+    one = jnp.uint32(1) << jnp.asarray(31 - bit, jnp.uint32)
+    out = []
+    for threshold, rank in zip(thresholds, ranks):
+      candidate = threshold | one
+      at_candidate = _per_segment(sample >= candidate[segment][:, None], group_segment, count)
+      out.append(jnp.where(at_candidate >= rank, candidate, threshold))
+    return tuple(out)
+
+  zeros = jnp.zeros((count,), jnp.uint32)
+  return jax.lax.fori_loop(0, _SAMPLE_BITS, add_bit, (zeros, zeros))
+
+
+def _bracket(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array,
+             eligible: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per segment, keys ``lo < hi`` that likely hold the k-th key: ``[lo, hi)``.
+
+  The ranks of the k-th key's quantile in a sample of rows, widened by
+  ``_SAMPLE_Z`` standard deviations of a sample quantile (with the finite-population
+  correction, so a segment sampled whole gets a bracket of a few keys). The search
+  counts all keys at both ends first, so a bracket that misses costs two passes.
+  """
+  rows, segments = _sample_rows(row_segment)
+  sample = jnp.take(key, jnp.asarray(rows), axis=0, mode="fill", fill_value=0)
+  in_sample = _per_segment(sample != 0, jnp.asarray(segments[::_ROW_GROUP]), count)
+  in_sample = in_sample.astype(jnp.float32)
+  total = jnp.maximum(eligible, 1).astype(jnp.float32)
+  p = k.astype(jnp.float32) / total
+  expected = p * in_sample
+  spread = _SAMPLE_Z * jnp.sqrt(jnp.maximum(expected * (1 - p) * (1 - in_sample / total), 0))
+  high_rank = jnp.floor(expected - spread - 1).astype(jnp.int32)
+  low_rank = jnp.ceil(expected + spread + 1).astype(jnp.int32)
+  high, low = _kth_in_sample(sample, segments, count, (high_rank, low_rank))
+  # Fewer than high_rank sample keys are at or above the next multiple (keys < 0xFFFFFFFF).
+  high = jnp.where(high_rank >= 1, high + _SAMPLE_UNIT, jnp.uint32(0xFFFFFFFF))
+  low = jnp.where(low_rank <= in_sample, jnp.maximum(low, 1), jnp.uint32(1))
+  return low, jnp.maximum(high, low + 1)
+
+
+def _narrow(count_at: Callable[[jax.Array], jax.Array], k: jax.Array, low: jax.Array,
+            high: jax.Array, at_low: jax.Array, at_high: jax.Array,
+            guesses: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, jax.Array]:
+  """Per segment, a point where a non-increasing count falls to ``k``.
+
+  Narrows a bracket with ``count_at(low) >= k > count_at(high)`` by one pass over all
+  keys per step (``count_at``: one uint32 point per segment, the counts as int32). The
+  first candidates are the ``guesses``; the next ones interpolate the counts at both
+  ends linearly (regula falsi, with the Illinois halving against one-sided steps), or
+  bisect whenever the passes left would not otherwise suffice: at most ``_SLACK``
+  passes more than the guesses and a bisection. A segment stops when its lower end
+  counts exactly ``k``, or when the bracket is one point wide.
+
+  Returns:
+    ``(low, at_low)``: per segment, the point and its count (``> k`` only when the
+    count falls past ``k`` between ``low`` and ``low + 1``).
+  """
+  def passes_needed(low, high):  # bisection passes to a one-point bracket
+    return 32 - jax.lax.clz(jnp.maximum(high - low, 1) - 1).astype(jnp.int32)
+
+  def searching(state):
+    low, high, at_low, *_ = state
+    return jnp.any((at_low != k) & (high - low > 1))
+
+  def narrow(state):
+    low, high, at_low, at_high, f_low, f_high, moved, left, step = state
+    width = high - low
+    offset = jnp.round(width.astype(jnp.float32) * (f_low / (f_low - f_high)))
+    offset = jnp.where(passes_needed(low, high) >= left, width // 2, offset.astype(jnp.uint32))
+    candidate = low + offset
+    for i, guess in enumerate(guesses):
+      candidate = jnp.where(step == i, guess, candidate)
+    candidate = jnp.clip(candidate, low + 1, jnp.maximum(high, low + 2) - 1)
+    at_candidate = count_at(candidate)
+    active = (at_low != k) & (width > 1)
+    raise_low = active & (at_candidate >= k)
+    lower_high = active & (at_candidate < k)
+    f_candidate = (at_candidate - k).astype(jnp.float32) + 0.5
+    # Illinois: an end kept twice in a row counts half, so the next point moves past it.
+    f_low = jnp.where(raise_low, f_candidate,
+                      jnp.where(lower_high & (moved < 0), f_low / 2, f_low))
+    f_high = jnp.where(lower_high, f_candidate,
+                       jnp.where(raise_low & (moved > 0), f_high / 2, f_high))
+    moved = jnp.where(raise_low, 1, jnp.where(lower_high, -1, moved))
+    return (jnp.where(raise_low, candidate, low), jnp.where(lower_high, candidate, high),
+            jnp.where(raise_low, at_candidate, at_low),
+            jnp.where(lower_high, at_candidate, at_high), f_low, f_high, moved, left - 1,
+            step + 1)
+
+  state = (low, high, at_low, at_high, (at_low - k).astype(jnp.float32) + 0.5,
+           (at_high - k).astype(jnp.float32) + 0.5, jnp.zeros_like(k),
+           passes_needed(low, high) + len(guesses) + _SLACK, jnp.int32(0))
+  low, _, at_low, *_ = jax.lax.while_loop(searching, narrow, state)
+  return low, at_low
+
+
+def _select(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array | int
             ) -> jax.Array:
   """The ``k[s]`` largest non-zero keys of every segment ``s`` of a layout (ties: row-major).
 
+  First a threshold per segment with exactly ``k`` keys at or above it, or else the
+  k-th key itself (:func:`_narrow` over keys, from the ends of a sample's bracket,
+  :func:`_bracket`). Where the k-th key is tied, a second search over positions takes
+  its first entries in row-major order.
+
   Args:
-    key: ``[rows, _COLUMNS]`` uint32 keys, 0 where not eligible.
-    row_segment: ``[rows]`` segment of every row, sorted.
+    key: ``[rows, _COLUMNS]`` uint32 keys, 0 where not eligible, below ``0xFFFFFFFF``.
+    row_segment: ``[rows]`` segment of every row, sorted (static).
     count: number of segments.
     k: scalar or ``[count]`` entries to select per segment.
 
@@ -197,27 +326,39 @@ def _select(key: jax.Array, row_segment: jax.Array, count: int, k: jax.Array | i
     ``[rows, _COLUMNS]`` bool.
   """
   k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (count,))
-  group_segment = row_segment[::_ROW_GROUP]
-  k = jnp.minimum(k, _per_segment(key != 0, group_segment, count))
+  group_segment = jnp.asarray(row_segment[::_ROW_GROUP])
+  segment = jnp.asarray(row_segment)
 
-  def add_bit(bit, carry):
-    threshold, at_threshold = carry
-    candidate = threshold | (jnp.uint32(1) << jnp.asarray(31 - bit, jnp.uint32))
-    # Ineligible keys are 0 < candidate, so they are never counted.
-    at_candidate = _per_segment(key >= candidate[row_segment][:, None], group_segment, count)
-    enough = at_candidate >= k
-    return (jnp.where(enough, candidate, threshold),
-            jnp.where(enough, at_candidate, at_threshold))
+  def counts(flags):  # per segment
+    return _per_segment(flags, group_segment, count)
 
-  # Per segment, the largest threshold with at least k eligible keys at or above it, and
-  # that number. The threshold is at least 1 (k = 0 accepts every candidate), so keys
-  # at or above it are eligible.
-  kth, at_kth = jax.lax.fori_loop(0, 32, add_bit, (jnp.zeros((count,), jnp.uint32), k))
-  kth = kth[row_segment][:, None]
+  eligible = counts(key != 0)
+  k = jnp.minimum(k, eligible)
+  # Keys are below 0xFFFFFFFF; with k = 0 nothing is at or above the threshold 0xFFFFFFFF.
+  kth, at_kth = _narrow(
+      lambda threshold: counts(key >= threshold[segment][:, None]), k,
+      low=jnp.where(k == 0, jnp.uint32(0xFFFFFFFF), jnp.uint32(1)),
+      high=jnp.full((count,), 0xFFFFFFFF, jnp.uint32), at_low=jnp.where(k == 0, 0, eligible),
+      at_high=jnp.zeros((count,), jnp.int32),
+      guesses=_bracket(key, row_segment, count, k, eligible))
+  kth = kth[segment][:, None]
 
   def break_ties(key):
-    room = k - _per_segment(key > kth, group_segment, count)  # >= 0: kth is maximal
-    return (key > kth) | _first_in_order(key == kth, room, row_segment, count)
+    """Keys above the k-th, and the tied ones before a position found per segment."""
+    ends = np.searchsorted(row_segment, np.arange(count), side="right") * _COLUMNS
+    row_start = jnp.arange(row_segment.size, dtype=jnp.int32) * _COLUMNS
+    column = jax.lax.broadcasted_iota(jnp.int32, (1, _COLUMNS), 1)
+
+    def chosen(back):  # back: per segment, how far before its end the tied keys stop
+      stop = (jnp.asarray(ends, jnp.int32) - back.astype(jnp.int32))[segment]  # flat position
+      columns_before = jnp.clip(stop - row_start, 0, _COLUMNS)  # per row: no array of positions
+      return (key > kth) | ((key == kth) & (column < columns_before[:, None]))
+
+    sizes = np.bincount(row_segment, minlength=count) * _COLUMNS
+    back, _ = _narrow(lambda back: counts(chosen(back)), k, low=jnp.zeros((count,), jnp.uint32),
+                      high=jnp.asarray(sizes, jnp.uint32), at_low=at_kth,
+                      at_high=counts(key > kth))
+    return chosen(back)
 
   def take_all(key):
     return key >= kth

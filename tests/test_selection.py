@@ -149,3 +149,59 @@ def test_the_selection_code_does_not_grow_with_the_number_of_arrays():
     return loop_count(jax.make_jaxpr(top_k_each)(scores, jnp.ones(n, jnp.int32)).jaxpr)
 
   assert loops(2) == loops(20) > 0
+
+
+LARGE = 40_000  # 320 counting rows: the k-th key's bracket comes from a sample of rows
+
+
+def _reference(scores: np.ndarray, k: int, eligible: np.ndarray) -> np.ndarray:
+  """The k best eligible entries, ties to the lower index, by a stable sort."""
+  order = np.flatnonzero(eligible)
+  order = order[np.argsort(-scores[order], kind="stable")]
+  expected = np.zeros(scores.size, bool)
+  expected[order[:k]] = True
+  return expected
+
+
+def _large_scores(kind: str, rng: np.random.Generator) -> np.ndarray:
+  if kind == "normal":
+    return rng.normal(size=LARGE).astype(np.float32)
+  if kind == "heavy tail, zeros":  # like gradients: many exact zeros, a Cauchy tail
+    return np.where(rng.random(LARGE) < 0.4, 0, np.abs(rng.standard_cauchy(LARGE))
+                    ).astype(np.float32)
+  if kind == "few values":
+    return rng.integers(0, 4, LARGE).astype(np.float32)
+  if kind == "wide":  # magnitudes over 30 orders
+    return np.exp(rng.normal(0, 16, LARGE)).astype(np.float32)
+  # "sample misleads": the sampled rows (every 17th of 128 entries) hold the largest
+  # scores, so the sample's bracket misses the k-th key and the search starts over.
+  scores = rng.random(LARGE).astype(np.float32)
+  rows = np.arange(LARGE) // 128
+  return np.where(rows % 17 == 0, scores + 10, scores)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from(["normal", "heavy tail, zeros", "few values", "wide", "sample misleads"]),
+       st.floats(0, 1), st.floats(0.5, 1), st.integers(0, 2**31 - 1))
+def test_large_arrays_select_exactly_the_sorted_k(kind, fraction, eligible_share, seed):
+  rng = np.random.default_rng(seed)
+  scores = _large_scores(kind, rng)
+  eligible = rng.random(LARGE) < eligible_share
+  k = int(fraction * eligible.sum())
+  chosen = np.asarray(jitted(jnp.asarray(scores), k, jnp.asarray(eligible)))
+  np.testing.assert_array_equal(chosen, _reference(scores, k, eligible))
+
+
+def test_a_misleading_sample_is_caught_and_the_selection_stays_exact():
+  """The sampled rows' bracket does not hold the k-th key: the search covers all keys."""
+  from sparsejax import selection
+
+  scores = _large_scores("sample misleads", np.random.default_rng(0))
+  key, row_segment, _ = selection._layout([jnp.asarray(scores)], [None], [0])
+  k = jnp.asarray([LARGE // 2])
+  low, high = selection._bracket(key, row_segment, 1, k, jnp.asarray([LARGE]))
+  at_low = int(jnp.sum(key >= low[0]))
+  at_high = int(jnp.sum(key >= high[0]))
+  assert not at_low >= LARGE // 2 > at_high  # the bracket misses
+  chosen = np.asarray(jitted(jnp.asarray(scores), LARGE // 2))
+  np.testing.assert_array_equal(chosen, _reference(scores, LARGE // 2, np.ones(LARGE, bool)))
