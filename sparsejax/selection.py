@@ -174,7 +174,7 @@ def random_subsets(key: jax.Array, sizes: list[int], k: jax.Array | list[int]
   bits = (jax.random.bits(key, (sum(rows), _COLUMNS), jnp.uint32) >> 1) + jnp.uint32(1)
   column = jax.lax.broadcasted_iota(jnp.int32, bits.shape, 1)
   keys = jnp.where(column < jnp.asarray(valid, jnp.int32)[:, None], bits, jnp.uint32(0))
-  chosen = _select(keys, row_segment, len(sizes), k)
+  chosen = _select(keys, row_segment, len(sizes), k, _uniform_bracket)
   starts = np.cumsum([0] + rows)
   return [chosen[a:b].reshape(-1)[:n] for a, b, n in zip(starts[:-1], starts[1:], sizes)]
 
@@ -307,7 +307,24 @@ def _narrow(count_at: Callable[[jax.Array], jax.Array], k: jax.Array, low: jax.A
   return low, at_low
 
 
-def _select(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array | int
+def _uniform_bracket(k: jax.Array, eligible: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per segment, a likely bracket of the k-th largest of ``eligible`` uniform keys.
+
+  The keys of :func:`random_subsets`, uniform on ``[1, 2**31]``: the k-th largest lies
+  near the ``1 - k / n`` quantile, within ``_SAMPLE_Z`` standard deviations of its rank.
+  """
+  n = jnp.maximum(eligible, 1).astype(jnp.float32)
+  p = k.astype(jnp.float32) / n
+  spacing = 2.0**31 / n  # between neighbouring keys, on average
+  center = 2.0**31 * (1 - p)
+  spread = (_SAMPLE_Z * jnp.sqrt(k.astype(jnp.float32) * (1 - p)) + 1) * spacing + 256
+  low = jnp.clip(center - spread, 1, 2.0**31).astype(jnp.uint32)
+  high = jnp.clip(center + spread, 2, 2.0**31 + 1).astype(jnp.uint32)
+  return low, jnp.maximum(high, low + 1)
+
+
+def _select(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array | int,
+            guesses: Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]] | None = None
             ) -> jax.Array:
   """The ``k[s]`` largest non-zero keys of every segment ``s`` of a layout (ties: row-major).
 
@@ -321,6 +338,8 @@ def _select(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array | 
     row_segment: ``[rows]`` segment of every row, sorted (static).
     count: number of segments.
     k: scalar or ``[count]`` entries to select per segment.
+    guesses: optional ``(k, eligible) -> (low, high)``, a likely bracket of the k-th key
+      per segment, when the keys' distribution is known (default: :func:`_bracket`).
 
   Returns:
     ``[rows, _COLUMNS]`` bool.
@@ -340,7 +359,8 @@ def _select(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array | 
       low=jnp.where(k == 0, jnp.uint32(0xFFFFFFFF), jnp.uint32(1)),
       high=jnp.full((count,), 0xFFFFFFFF, jnp.uint32), at_low=jnp.where(k == 0, 0, eligible),
       at_high=jnp.zeros((count,), jnp.int32),
-      guesses=_bracket(key, row_segment, count, k, eligible))
+      guesses=(guesses(k, eligible) if guesses is not None
+               else _bracket(key, row_segment, count, k, eligible)))
   kth = kth[segment][:, None]
 
   def break_ties(key):
