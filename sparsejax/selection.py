@@ -127,7 +127,7 @@ def top_k_masks(scores: list[jax.Array], k: jax.Array | int,
   scalar; with ``segments`` (one segment index per array, ``0 .. count - 1``) ``k``
   holds one count per segment. Every segment gets exactly ``min(k[s], eligible in s)``
   entries, and among equal scores an earlier array, then a lower flat index, wins.
-  All segments share one bisection: the compiled code does not grow with their number.
+  All segments share one search: the compiled code does not grow with their number.
 
   Args:
     scores: float arrays of any shapes (no NaN).
@@ -253,7 +253,7 @@ def _bracket(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array,
 
 def _narrow(count_at: Callable[[jax.Array], jax.Array], k: jax.Array, low: jax.Array,
             high: jax.Array, at_low: jax.Array, at_high: jax.Array,
-            guesses: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, jax.Array]:
+            guesses: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per segment, a point where a non-increasing count falls to ``k``.
 
   Narrows a bracket with ``count_at(low) >= k > count_at(high)`` by one pass over all
@@ -265,8 +265,8 @@ def _narrow(count_at: Callable[[jax.Array], jax.Array], k: jax.Array, low: jax.A
   counts exactly ``k``, or when the bracket is one point wide.
 
   Returns:
-    ``(low, at_low)``: per segment, the point and its count (``> k`` only when the
-    count falls past ``k`` between ``low`` and ``low + 1``).
+    ``(low, at_low, passes)``: per segment, the point and its count (``> k`` only when
+    the count falls past ``k`` between ``low`` and ``low + 1``); the passes taken.
   """
   def passes_needed(low, high):  # bisection passes to a one-point bracket
     return 32 - jax.lax.clz(jnp.maximum(high - low, 1) - 1).astype(jnp.int32)
@@ -303,8 +303,8 @@ def _narrow(count_at: Callable[[jax.Array], jax.Array], k: jax.Array, low: jax.A
   state = (low, high, at_low, at_high, (at_low - k).astype(jnp.float32) + 0.5,
            (at_high - k).astype(jnp.float32) + 0.5, jnp.zeros_like(k),
            passes_needed(low, high) + len(guesses) + _SLACK, jnp.int32(0))
-  low, _, at_low, *_ = jax.lax.while_loop(searching, narrow, state)
-  return low, at_low
+  low, _, at_low, *_, passes = jax.lax.while_loop(searching, narrow, state)
+  return low, at_low, passes
 
 
 def _uniform_bracket(k: jax.Array, eligible: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -323,15 +323,45 @@ def _uniform_bracket(k: jax.Array, eligible: jax.Array) -> tuple[jax.Array, jax.
   return low, jnp.maximum(high, low + 1)
 
 
+def _threshold(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array | int,
+               guesses: Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]] | None = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Per segment, a threshold with exactly ``k`` keys at or above it, or the k-th key.
+
+  Args: as :func:`_select`.
+
+  Returns:
+    ``(k, threshold, at_threshold, passes)``: per segment, ``k`` capped at the eligible
+    count, the uint32 threshold and the keys at or above it (``> k`` only when the
+    k-th key is tied; the threshold is then the k-th key); the search's passes.
+  """
+  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (count,))
+  segment = jnp.asarray(row_segment)
+
+  def counts(flags):  # per segment
+    return _per_segment(flags, jnp.asarray(row_segment[::_ROW_GROUP]), count)
+
+  eligible = counts(key != 0)
+  k = jnp.minimum(k, eligible)
+  # Keys are below 0xFFFFFFFF; with k = 0 nothing is at or above the threshold 0xFFFFFFFF.
+  kth, at_kth, passes = _narrow(
+      lambda threshold: counts(key >= threshold[segment][:, None]), k,
+      low=jnp.where(k == 0, jnp.uint32(0xFFFFFFFF), jnp.uint32(1)),
+      high=jnp.full((count,), 0xFFFFFFFF, jnp.uint32), at_low=jnp.where(k == 0, 0, eligible),
+      at_high=jnp.zeros((count,), jnp.int32),
+      guesses=(guesses(k, eligible) if guesses is not None
+               else _bracket(key, row_segment, count, k, eligible)))
+  return k, kth, at_kth, passes
+
+
 def _select(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array | int,
             guesses: Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]] | None = None
             ) -> jax.Array:
   """The ``k[s]`` largest non-zero keys of every segment ``s`` of a layout (ties: row-major).
 
   First a threshold per segment with exactly ``k`` keys at or above it, or else the
-  k-th key itself (:func:`_narrow` over keys, from the ends of a sample's bracket,
-  :func:`_bracket`). Where the k-th key is tied, a second search over positions takes
-  its first entries in row-major order.
+  k-th key itself (:func:`_threshold`). Where the k-th key is tied, a second search
+  over positions (:func:`_narrow`) takes its first entries in row-major order.
 
   Args:
     key: ``[rows, _COLUMNS]`` uint32 keys, 0 where not eligible, below ``0xFFFFFFFF``.
@@ -344,24 +374,13 @@ def _select(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array | 
   Returns:
     ``[rows, _COLUMNS]`` bool.
   """
-  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (count,))
+  k, kth, at_kth, _ = _threshold(key, row_segment, count, k, guesses)
   group_segment = jnp.asarray(row_segment[::_ROW_GROUP])
   segment = jnp.asarray(row_segment)
+  kth = kth[segment][:, None]
 
   def counts(flags):  # per segment
     return _per_segment(flags, group_segment, count)
-
-  eligible = counts(key != 0)
-  k = jnp.minimum(k, eligible)
-  # Keys are below 0xFFFFFFFF; with k = 0 nothing is at or above the threshold 0xFFFFFFFF.
-  kth, at_kth = _narrow(
-      lambda threshold: counts(key >= threshold[segment][:, None]), k,
-      low=jnp.where(k == 0, jnp.uint32(0xFFFFFFFF), jnp.uint32(1)),
-      high=jnp.full((count,), 0xFFFFFFFF, jnp.uint32), at_low=jnp.where(k == 0, 0, eligible),
-      at_high=jnp.zeros((count,), jnp.int32),
-      guesses=(guesses(k, eligible) if guesses is not None
-               else _bracket(key, row_segment, count, k, eligible)))
-  kth = kth[segment][:, None]
 
   def break_ties(key):
     """Keys above the k-th, and the tied ones before a position found per segment."""
@@ -375,9 +394,9 @@ def _select(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array | 
       return (key > kth) | ((key == kth) & (column < columns_before[:, None]))
 
     sizes = np.bincount(row_segment, minlength=count) * _COLUMNS
-    back, _ = _narrow(lambda back: counts(chosen(back)), k, low=jnp.zeros((count,), jnp.uint32),
-                      high=jnp.asarray(sizes, jnp.uint32), at_low=at_kth,
-                      at_high=counts(key > kth))
+    back, *_ = _narrow(lambda back: counts(chosen(back)), k, low=jnp.zeros((count,), jnp.uint32),
+                       high=jnp.asarray(sizes, jnp.uint32), at_low=at_kth,
+                       at_high=counts(key > kth))
     return chosen(back)
 
   def take_all(key):
