@@ -253,7 +253,8 @@ def _bracket(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array,
 
 def _narrow(count_at: Callable[[jax.Array], jax.Array], k: jax.Array, low: jax.Array,
             high: jax.Array, at_low: jax.Array, at_high: jax.Array,
-            guesses: tuple[jax.Array, ...] = ()) -> tuple[jax.Array, jax.Array, jax.Array]:
+            guesses: tuple[jax.Array, ...] = (), interpolate: bool = True
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per segment, a point where a non-increasing count falls to ``k``.
 
   Narrows a bracket with ``count_at(low) >= k > count_at(high)`` by one pass over all
@@ -262,7 +263,8 @@ def _narrow(count_at: Callable[[jax.Array], jax.Array], k: jax.Array, low: jax.A
   ends linearly (regula falsi, with the Illinois halving against one-sided steps), or
   bisect whenever the passes left would not otherwise suffice: at most ``_SLACK``
   passes more than the guesses and a bisection. A segment stops when its lower end
-  counts exactly ``k``, or when the bracket is one point wide.
+  counts exactly ``k``, or when the bracket is one point wide. Without ``interpolate``,
+  every step bisects: a smaller program, for searches that rarely run.
 
   Returns:
     ``(low, at_low, passes)``: per segment, the point and its count (``> k`` only when
@@ -278,8 +280,12 @@ def _narrow(count_at: Callable[[jax.Array], jax.Array], k: jax.Array, low: jax.A
   def narrow(state):
     low, high, at_low, at_high, f_low, f_high, moved, left, step = state
     width = high - low
-    offset = jnp.round(width.astype(jnp.float32) * (f_low / (f_low - f_high)))
-    offset = jnp.where(passes_needed(low, high) >= left, width // 2, offset.astype(jnp.uint32))
+    if interpolate:
+      offset = jnp.round(width.astype(jnp.float32) * (f_low / (f_low - f_high)))
+      offset = jnp.where(passes_needed(low, high) >= left, width // 2,
+                         offset.astype(jnp.uint32))
+    else:
+      offset = width // 2
     candidate = low + offset
     for i, guess in enumerate(guesses):
       candidate = jnp.where(step == i, guess, candidate)
@@ -288,13 +294,14 @@ def _narrow(count_at: Callable[[jax.Array], jax.Array], k: jax.Array, low: jax.A
     active = (at_low != k) & (width > 1)
     raise_low = active & (at_candidate >= k)
     lower_high = active & (at_candidate < k)
-    f_candidate = (at_candidate - k).astype(jnp.float32) + 0.5
-    # Illinois: an end kept twice in a row counts half, so the next point moves past it.
-    f_low = jnp.where(raise_low, f_candidate,
-                      jnp.where(lower_high & (moved < 0), f_low / 2, f_low))
-    f_high = jnp.where(lower_high, f_candidate,
-                       jnp.where(raise_low & (moved > 0), f_high / 2, f_high))
-    moved = jnp.where(raise_low, 1, jnp.where(lower_high, -1, moved))
+    if interpolate:
+      f_candidate = (at_candidate - k).astype(jnp.float32) + 0.5
+      # Illinois: an end kept twice in a row counts half, so the next point moves past it.
+      f_low = jnp.where(raise_low, f_candidate,
+                        jnp.where(lower_high & (moved < 0), f_low / 2, f_low))
+      f_high = jnp.where(lower_high, f_candidate,
+                         jnp.where(raise_low & (moved > 0), f_high / 2, f_high))
+      moved = jnp.where(raise_low, 1, jnp.where(lower_high, -1, moved))
     return (jnp.where(raise_low, candidate, low), jnp.where(lower_high, candidate, high),
             jnp.where(raise_low, at_candidate, at_low),
             jnp.where(lower_high, at_candidate, at_high), f_low, f_high, moved, left - 1,
@@ -396,7 +403,7 @@ def _select(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array | 
     sizes = np.bincount(row_segment, minlength=count) * _COLUMNS
     back, *_ = _narrow(lambda back: counts(chosen(back)), k, low=jnp.zeros((count,), jnp.uint32),
                        high=jnp.asarray(sizes, jnp.uint32), at_low=at_kth,
-                       at_high=counts(key > kth))
+                       at_high=counts(key > kth), interpolate=False)
     return chosen(back)
 
   def take_all(key):
