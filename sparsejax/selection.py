@@ -89,10 +89,11 @@ def _layout(scores: list[jax.Array], eligible: list[jax.Array | None], segments:
   return jnp.concatenate(keys), np.concatenate(row_segments), starts
 
 
-def _per_segment(flags: jax.Array, group_segment: jax.Array, count: int) -> jax.Array:
+def _per_segment(flags: jax.Array, row_segment: np.ndarray, count: int) -> jax.Array:
   """Number of True entries of ``flags [rows, _COLUMNS]`` in every segment, as int32.
 
-  ``group_segment`` is the segment of every group of ``_ROW_GROUP`` rows. Summing the
+  ``row_segment`` (static) is the segment of every row, the same within every group of
+  ``_ROW_GROUP`` rows. Summing the
   rows of a group first, as uint8 (at most 8), reads the flags once in vector-wide
   adds and leaves an array 8 times smaller to reduce (XLA:CPU does not fuse a
   reduction into its producer, so the flags are materialised either way: 2.3 times
@@ -100,8 +101,8 @@ def _per_segment(flags: jax.Array, group_segment: jax.Array, count: int) -> jax.
   """
   per_group = jnp.sum(flags.reshape(-1, _ROW_GROUP, _COLUMNS), axis=1, dtype=jnp.uint8)
   per_group = jnp.sum(per_group, axis=1, dtype=jnp.int32)
-  return jax.ops.segment_sum(per_group, group_segment, num_segments=count,
-                             indices_are_sorted=True)
+  return jax.ops.segment_sum(per_group, jnp.asarray(row_segment[::_ROW_GROUP]),
+                             num_segments=count, indices_are_sorted=True)
 
 
 def count_true(flags: jax.Array) -> jax.Array:
@@ -209,7 +210,6 @@ def _kth_in_sample(sample: jax.Array, row_segment: np.ndarray, count: int,
   result is the k-th key with its lower bits cleared. A rank above the eligible count
   gives 0.
   """
-  group_segment = jnp.asarray(row_segment[::_ROW_GROUP])
   segment = jnp.asarray(row_segment)
 
   def add_bit(bit, thresholds):
@@ -217,7 +217,7 @@ def _kth_in_sample(sample: jax.Array, row_segment: np.ndarray, count: int,
     out = []
     for threshold, rank in zip(thresholds, ranks):
       candidate = threshold | one
-      at_candidate = _per_segment(sample >= candidate[segment][:, None], group_segment, count)
+      at_candidate = _per_segment(sample >= candidate[segment][:, None], row_segment, count)
       out.append(jnp.where(at_candidate >= rank, candidate, threshold))
     return tuple(out)
 
@@ -236,7 +236,7 @@ def _bracket(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array,
   """
   rows, segments = _sample_rows(row_segment)
   sample = jnp.take(key, jnp.asarray(rows), axis=0, mode="fill", fill_value=0)
-  in_sample = _per_segment(sample != 0, jnp.asarray(segments[::_ROW_GROUP]), count)
+  in_sample = _per_segment(sample != 0, segments, count)
   in_sample = in_sample.astype(jnp.float32)
   total = jnp.maximum(eligible, 1).astype(jnp.float32)
   p = k.astype(jnp.float32) / total
@@ -346,7 +346,7 @@ def _threshold(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array
   segment = jnp.asarray(row_segment)
 
   def counts(flags):  # per segment
-    return _per_segment(flags, jnp.asarray(row_segment[::_ROW_GROUP]), count)
+    return _per_segment(flags, row_segment, count)
 
   eligible = counts(key != 0)
   k = jnp.minimum(k, eligible)
@@ -382,12 +382,11 @@ def _select(key: jax.Array, row_segment: np.ndarray, count: int, k: jax.Array | 
     ``[rows, _COLUMNS]`` bool.
   """
   k, kth, at_kth, _ = _threshold(key, row_segment, count, k, guesses)
-  group_segment = jnp.asarray(row_segment[::_ROW_GROUP])
   segment = jnp.asarray(row_segment)
   kth = kth[segment][:, None]
 
   def counts(flags):  # per segment
-    return _per_segment(flags, group_segment, count)
+    return _per_segment(flags, row_segment, count)
 
   def break_ties(key):
     """Keys above the k-th, and the tied ones before a position found per segment."""
