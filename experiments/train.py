@@ -264,6 +264,8 @@ def main(argv: Sequence[str]) -> None:
       fail(str(e), NO_CHECKPOINT)
     except train_lib.CheckpointError as e:  # orbax's threads may still be failing
       fail(str(e), OUTPUT_ERROR, last_words=True)
+    except OSError as e:  # the metrics, config or summary (e.g. a full disk)
+      fail(f"{name}: cannot write the run's files: {e}", OUTPUT_ERROR, last_words=True)
     if directory is not None:
       say(f"wrote {directory}")
   if primary and summaries:

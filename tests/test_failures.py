@@ -247,7 +247,8 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_restart_resumes
   result = _restart(run, data_dir, prelude=SMALL_FILES)
   assert result.returncode == cli.OUTPUT_ERROR
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"error: cannot write checkpoint 400 in {run / 'checkpoints'}: ")
+  assert last.startswith(f"error: cannot write checkpoint 400 in {run / 'checkpoints'}: "), (
+      result.stderr)
   assert "File too large" in last and "Traceback" not in result.stderr
   assert max(_steps(run)) == 375
   final = _restart(run, data_dir)
@@ -308,19 +309,31 @@ def _resize(disk: Path, size: int) -> None:
 
 def test_a_full_disk_is_one_line_and_the_restart_resumes_once_there_is_room(
     reference, data_dir, small_tmpfs):
-  """The run on a real tmpfs with room for less than one more checkpoint: writing 400
-  fails with ENOSPC, one line; 375 stays intact; once the disk grows the same command
-  ends bit-identical."""
+  """The run on a real tmpfs. With no room at all, the first file written (before any
+  training) fails, one line. With room for less than one more checkpoint, writing 400
+  fails with ENOSPC, one line (the metrics' flush that fails after it is not reported);
+  375 stays intact. Once the disk grows the same command ends bit-identical."""
   run = small_tmpfs / "run"
   shutil.copytree(reference, run)
   (run / "summary.json").unlink()
   shutil.rmtree(run / "checkpoints" / "400")
   disk = os.statvfs(small_tmpfs)
-  _resize(small_tmpfs, (disk.f_blocks - disk.f_bfree) * disk.f_frsize + 64 * 1024)
+  used = (disk.f_blocks - disk.f_bfree) * disk.f_frsize
+  metrics = (run / "metrics.jsonl").read_bytes()
+  _resize(small_tmpfs, used)
   result = _restart(run, data_dir)
   assert result.returncode == cli.OUTPUT_ERROR, result.stderr
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"error: cannot write checkpoint 400 in {run / 'checkpoints'}: ")
+  assert last.startswith(f"error: {run}: cannot write the run's files: "), result.stderr
+  assert "No space left on device" in last, last
+  assert "Traceback" not in result.stderr
+  assert (run / "metrics.jsonl").read_bytes() == metrics
+  _resize(small_tmpfs, used + 64 * 1024)
+  result = _restart(run, data_dir)
+  assert result.returncode == cli.OUTPUT_ERROR, result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: cannot write checkpoint 400 in {run / 'checkpoints'}: "), (
+      result.stderr)
   assert "No space left on device" in last or "ENOSPC" in last, last
   assert "Traceback" not in result.stderr
   assert max(_steps(run)) == 375

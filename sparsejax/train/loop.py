@@ -19,7 +19,7 @@ is what makes resuming exact.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import contextlib
 import functools
 import os
@@ -335,9 +335,9 @@ def run(experiment: Experiment, workdir: str | os.PathLike[str] | None = None,
   try:
     with contextlib.ExitStack() as closing:
       if writer is not None:
-        closing.callback(writer.close)
+        closing.push(_closing_after(writer.close))
       if checkpointer is not None:
-        closing.callback(checkpointer.close)
+        closing.push(_closing_after(checkpointer.close))
       state, totals, last_row = _train(experiment, state, totals, checkpointer, writer,
                                        show_progress and primary)
   except Diverged as e:
@@ -349,6 +349,26 @@ def run(experiment: Experiment, workdir: str | os.PathLike[str] | None = None,
   if workdir is not None and primary:
     write_summary(workdir, summary)
   return summary
+
+
+def _closing_after(close: Callable[[], None]) -> Callable[..., bool]:
+  """An ``ExitStack`` exit callback that runs ``close``, letting the first error win.
+
+  When an error is already on its way out, an error of ``close`` is dropped: a full disk
+  fails the checkpoint first and then the metrics' flush, and the one to report is the
+  first (the process is failing either way).
+  """
+
+  def exit_callback(kind, error, traceback) -> bool:
+    del kind, traceback
+    try:
+      close()
+    except Exception:  # noqa: BLE001 - only when another error is already propagating
+      if error is None:
+        raise
+    return False
+
+  return exit_callback
 
 
 def _warn(line: str) -> None:
