@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from conftest import xla_flags
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -38,7 +39,8 @@ FSDP = ["--config.mesh.model=4", "--config.mesh.min_shard_size=1024"]
 def _command(tmp: Path, data: Path, method: str, devices: int, name: str,
              extra: tuple[str, ...]) -> tuple[list[str], dict[str, str], Path]:
   workdir = tmp / name
-  env = {**cli_env(data), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  env = {**cli_env(data),
+         "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices}")}
   args = [f"{CONFIG}:{method}", f"--workdir={workdir}", *SHORT, *EVERY_UPDATE, *extra]
   if method == "dst":  # DST has no update schedule
     args.remove("--config.sparse.update_every=4")
@@ -194,7 +196,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(data_dir
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_one_line(data_dir, tmp_path):
-  env = {**cli_env(data_dir), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**cli_env(data_dir), "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")}
   result = subprocess.run([sys.executable, "-c", SYNCHRONOUS_CLI, f"{CONFIG}:rigl",
                            f"--workdir={tmp_path / 'run'}", *SHORT, "--config.batch_size=36"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
