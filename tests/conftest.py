@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.extend.core
@@ -112,7 +114,6 @@ TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensiv
 
 def xla_flags(*flags: str) -> str:
   """``XLA_FLAGS`` for a subprocess: the tests' flags and ``flags``."""
-  import os  # pylint: disable=g-import-not-at-top
   return " ".join((os.environ.get("XLA_FLAGS", ""), *flags)).strip()
 
 
@@ -123,7 +124,6 @@ def pytest_configure(config):
   Many tests compile the same train step; the cache (``.pytest_cache/jax``) makes the
   repeats cheap. Subprocesses (the CLI tests) inherit both through the environment.
   """
-  import os  # pylint: disable=g-import-not-at-top
   if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = xla_flags(TEST_XLA_FLAGS)
   cache = os.path.join(str(config.rootpath), ".pytest_cache", "jax")
