@@ -58,6 +58,23 @@ class CompactKernel:
     out[row_of, np.asarray(self.indices)] = np.asarray(self.values)
     return out.T.reshape(self.shape)
 
+  def check(self, name: str) -> None:
+    """Raises ValueError (one line, naming ``name``) unless the arrays describe a kernel
+    of ``shape``: rows that cover the values in order, positions inside a row. A kernel
+    restored from disk passes through here before anything reads by its positions."""
+    offsets, indices = np.asarray(self.offsets), np.asarray(self.indices)
+    fan, rows = math.prod(self.shape[:-1]), self.shape[-1]
+    problem = None
+    if offsets.shape != (rows + 1,) or indices.shape != (self.nnz,):
+      problem = (f"{rows + 1} offsets and {self.nnz} indices expected, got "
+                 f"{offsets.size} and {indices.size}")
+    elif offsets[0] != 0 or offsets[-1] != self.nnz or np.any(np.diff(offsets) < 0):
+      problem = "its offsets do not split the values into rows"
+    elif self.nnz and (indices.min() < 0 or indices.max() >= fan):
+      problem = f"an index outside [0, {fan})"
+    if problem is not None:
+      raise ValueError(f"{name}: not a compact kernel of shape {list(self.shape)}: {problem}")
+
 
 def _compact_leaf(path: str, param: Any, mask: Any) -> CompactKernel:
   param, mask = np.asarray(param), np.asarray(mask)

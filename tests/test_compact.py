@@ -205,7 +205,7 @@ class NnxNet(nnx.Module):
 @pytest.mark.parametrize("method", ["rigl", "dst"])
 def test_nnx_sparsify_equals_the_masked_model(method):
   """nnx.Optimizer training, then sparsify: every Linear, LinearGeneral and Conv is a
-  SlotLayer computing the masked model's logits (eagerly and under nnx.jit); the
+  CompactLayer computing the masked model's logits (eagerly and under nnx.jit); the
   original model is unchanged."""
   model = NnxNet(nnx.Rngs(0))
   kx, ky = jax.random.split(jax.random.PRNGKey(1))
@@ -225,7 +225,7 @@ def test_nnx_sparsify_equals_the_masked_model(method):
   stored = sj.compact(nnx.state(model, nnx.Param), sj.masks(optimizer.opt_state))
   sparse = sjnn.sparsify(model, stored)
   layers = (sparse.conv, sparse.attention.query, sparse.attention.out, *sparse.layers)
-  assert all(isinstance(layer, sjnn.SlotLayer) for layer in layers)
+  assert all(isinstance(layer, sjnn.CompactLayer) for layer in layers)
   assert isinstance(model.layers[0], nnx.Linear)
   reference = model(x)
   assert_same_predictions(sparse(x), reference)

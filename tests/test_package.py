@@ -83,7 +83,7 @@ except ImportError as e:
 
 def test_the_wheel_needs_only_the_core_packages(tmp_path):
   """The wheel, built here without network: it requires the core packages only (the
-  runner's are extras), ships only ``sparsejax``, and on its own, with the runner's
+  runner's are extras), ships only ``sparsejax`` (with the kernel's C++ source), and on its own, with the runner's
   packages made unimportable, runs a RigL step; the runner says which extra it needs."""
   subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                   "--no-build-isolation", "-w", str(tmp_path), str(ROOT)], check=True,
@@ -95,6 +95,7 @@ def test_the_wheel_needs_only_the_core_packages(tmp_path):
     metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA")))
     archive.extractall(site)
   assert {name.split("/")[0].split("-")[0] for name in names} == {"sparsejax"}
+  assert "sparsejax/nn/rows.cc" in names  # the compiled kernel's source, built on first use
   requires = [line.split(": ", 1)[1] for line in metadata.decode().splitlines()
               if line.startswith("Requires-Dist: ")]
   unconditional = {re.split(r"[\s<>=!~;\[]", r)[0].lower() for r in requires if "extra ==" not in r}

@@ -11,15 +11,16 @@ unchanged linen model on the compact kernels of a masked model (``sj.compact``).
 from sparsejax.nn import nnx
 from sparsejax.nn.connections import connection_count, random_connections
 from sparsejax.nn.growth import AlwaysSparseState, gse, rigl, set, topology  # noqa: A004
-from sparsejax.nn.inference import SlotKernel, prepare, runtime_bytes, sparse_apply
+from sparsejax.nn.inference import RowKernel, SlotKernel, prepare, runtime_bytes, sparse_apply
 from sparsejax.nn.kernels import pair_gradients, sparse_matmul
 from sparsejax.nn.layers import SparseConv, SparseDense, summary
-from sparsejax.nn.sparsify import SlotLayer, sparsify
+from sparsejax.nn.sparsify import CompactLayer, sparsify
 
 __all__ = [
     "AlwaysSparseState",
+    "CompactLayer",
+    "RowKernel",
     "SlotKernel",
-    "SlotLayer",
     "SparseConv",
     "SparseDense",
     "connection_count",

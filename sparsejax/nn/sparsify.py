@@ -1,9 +1,10 @@
 """flax.nnx models on compact kernels: the same graph with sparse layers in place.
 
 :func:`sparsify` replaces every ``nnx.Linear``, ``nnx.LinearGeneral`` and ``nnx.Conv``
-whose kernel was compacted (``sj.compact``) by a :class:`SlotLayer` that holds the
-kernel's runtime form (:class:`sparsejax.nn.inference.SlotKernel`) and computes like
-the layer it replaces; every other module is kept. Example::
+whose kernel was compacted (``sj.compact``) by a :class:`CompactLayer` that holds the
+kernel's runtime form (:class:`sparsejax.nn.inference.RowKernel` or
+:class:`~sparsejax.nn.inference.SlotKernel`) and computes like the layer it replaces;
+every other module is kept. Example::
 
   params = nnx.state(model, nnx.Param)
   sparse_model = sjnn.sparsify(model, sj.compact(params, sj.masks(optimizer.opt_state)))
@@ -21,13 +22,21 @@ import jax.numpy as jnp
 
 from sparsejax.compact import CompactKernel, is_compact
 from sparsejax.masks import unbox
-from sparsejax.nn.inference import SlotKernel, _in_ndim, _slots, check_supported, compute
+from sparsejax.nn.inference import (
+    RowKernel,
+    SlotKernel,
+    _in_ndim,
+    check_supported,
+    compute,
+    runtime_form,
+    runtime_kernel,
+)
 
 LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
 
 
-class SlotIndices(nnx.Variable):
-  """The input positions of a slot kernel (int32; not a parameter)."""
+class KernelIndex(nnx.Variable):
+  """A runtime kernel's integer arrays: input positions, row offsets (not a parameter)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,21 +64,33 @@ class LayerSpec:
     return cls(kind=kind, **fields)
 
 
-class SlotLayer(nnx.Module):
-  """A sparse stand-in for a ``Linear``, ``LinearGeneral`` or ``Conv``."""
+class CompactLayer(nnx.Module):
+  """A sparse stand-in for a ``Linear``, ``LinearGeneral`` or ``Conv`` on a runtime kernel.
 
-  def __init__(self, layer: nnx.Module, kernel: SlotKernel):
+  ``values`` is the layer's ``nnx.Param``; the positions (and a row kernel's offsets)
+  are :class:`KernelIndex` variables.
+  """
+
+  def __init__(self, layer: nnx.Module, kernel: RowKernel | SlotKernel):
     self.spec = LayerSpec.of(layer)
-    self.indices = SlotIndices(jnp.asarray(kernel.indices))
     self.values = nnx.Param(jnp.asarray(kernel.values))
+    rows = isinstance(kernel, RowKernel)
+    self.indices = KernelIndex(jnp.asarray(kernel.positions if rows else kernel.indices))
+    self.offsets = KernelIndex(jnp.asarray(kernel.offsets)) if rows else None
     self.bias = nnx.Param(jnp.asarray(layer.bias[...])) if layer.bias is not None else None
     self.in_shape, self.out_shape, self.padding = kernel.in_shape, kernel.out_shape, kernel.padding
 
+  def kernel(self) -> RowKernel | SlotKernel:
+    """The runtime kernel this layer holds."""
+    if self.offsets is not None:
+      return RowKernel(self.values[...], self.indices[...], self.offsets[...], self.in_shape,
+                       self.out_shape)
+    return SlotKernel(self.indices[...], self.values[...], self.in_shape, self.out_shape,
+                      self.padding)
+
   def __call__(self, x: jax.Array, out_sharding: Any = None) -> jax.Array:
     del out_sharding  # what nnx layers accept; the output follows x's sharding here
-    kernel = SlotKernel(self.indices[...], self.values[...], self.in_shape, self.out_shape,
-                        self.padding)
-    return compute(_Attributes(self.spec), x, kernel,
+    return compute(_Attributes(self.spec), x, self.kernel(),
                    None if self.bias is None else self.bias[...])
 
 
@@ -86,20 +107,24 @@ class _Attributes:
       setattr(self, name, getattr(spec, name))
 
 
-def sparsify(model: nnx.Module, compact: Any) -> nnx.Module:
+def sparsify(model: nnx.Module, compact: Any, runtime: str = "auto") -> nnx.Module:
   """A copy of ``model`` with each compacted ``Linear``/``LinearGeneral``/``Conv``
-  replaced by a :class:`SlotLayer` (the original model is unchanged).
+  replaced by a :class:`CompactLayer` (the original model is unchanged).
 
   Args:
     model: the trained nnx model.
     compact: ``sj.compact(nnx.state(model, nnx.Param), masks)``.
+    runtime: ``"auto"``, ``"rows"`` or ``"slots"``, as for
+      :func:`sparsejax.nn.prepare`.
 
   Returns:
     The sparse model; call it like ``model``.
 
   Raises:
-    ValueError: one line, for a compact kernel that is not a supported layer's.
+    ValueError: one line, for a compact kernel that is not a supported layer's, one whose
+      arrays are inconsistent, or a bad ``runtime``.
   """
+  form = runtime_form(runtime)
   model = nnx.clone(model)
   kernels = {tuple(str(getattr(k, "key", k)) for k in path): leaf
              for path, leaf in jax.tree_util.tree_flatten_with_path(unbox(compact),
@@ -115,7 +140,7 @@ def sparsify(model: nnx.Module, compact: Any) -> nnx.Module:
     name = "/".join(map(str, path))
     check_supported(layer, name)
     used.add(key)
-    sparse = SlotLayer(layer, _slots(kernels[key], _in_ndim(layer)))
+    sparse = CompactLayer(layer, runtime_kernel(kernels[key], _in_ndim(layer), name, form))
     parent = model
     for part in path[:-1]:
       parent = parent[part] if isinstance(part, int) else getattr(parent, part)
