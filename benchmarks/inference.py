@@ -6,12 +6,15 @@ Run::
 
 For each model and sparsity, the masks come from ``sj.static_sparse(..., distribution=
 "erk")`` (the distribution RigL starts from), the params are masked, and
-``sj.compact`` → ``sjnn.prepare`` gives the runtime form. Both forwards are jitted;
+``sj.compact`` → ``sjnn.prepare`` gives two runtimes: ``"auto"`` (the default: the
+compiled CPU kernel's rows, and a plain dense kernel for a layer with more than a quarter
+of its weights active) and ``"slots"`` (pure JAX, every backend). The three forwards are
+jitted;
 each round times ``calls`` calls of each, interleaved, and the table reports the median
-per-call time and dense ÷ compact (above 1: the compact model is faster). Stored bytes
-are per non-zero weight (values, indices and row offsets); the runtime form's padding
-(slots holding no weight: every output unit has its layer's largest fan-in) is
-reported next to it.
+per-call time and the median of the rounds' dense ÷ sparse (above 1: the sparse model
+is faster). Stored bytes are per non-zero weight (values, indices and row offsets); the
+slot form's padding (slots holding no weight: every output unit has its layer's
+largest fan-in) is reported next to it; the row form has none.
 """
 
 from __future__ import annotations
@@ -79,19 +82,22 @@ def bench(name: str, sparsity: float, batch: int, repeats: int, calls: int) -> d
                         is_leaf=lambda m: m is None)
   dense_vars = {**variables, "params": params}
   stored = {**variables, "params": sj.compact(params, masks)}
-  runtime = sjnn.prepare(model, stored, x)
-  dense = jax.jit(model.apply)
-  compact = jax.jit(lambda v, x: sjnn.sparse_apply(model, v, x))
-  for fn, v in ((dense, dense_vars), (compact, runtime)):
+  sparse = jax.jit(lambda v, x: sjnn.sparse_apply(model, v, x))
+  forwards = {"dense": (jax.jit(model.apply), dense_vars)}
+  for runtime in ("auto", "slots"):
+    forwards[runtime] = (sparse, sjnn.prepare(model, stored, x, runtime=runtime))
+  for fn, v in forwards.values():
     jax.block_until_ready(fn(v, x))
-  rounds: dict[str, list[float]] = {"dense": [], "compact": []}
+  rounds: dict[str, list[float]] = {name: [] for name in forwards}
   for _ in range(repeats):
-    rounds["dense"].append(_time(lambda: dense(dense_vars, x), calls))
-    rounds["compact"].append(_time(lambda: compact(runtime, x), calls))
-  sizes, padding = sj.compact_bytes(stored), sjnn.runtime_bytes(runtime)
-  dense_ms, compact_ms = (statistics.median(rounds[k]) for k in ("dense", "compact"))
-  ratios = [d / c for d, c in zip(rounds["dense"], rounds["compact"])]
-  return {"dense_ms": dense_ms, "compact_ms": compact_ms, "speedup": statistics.median(ratios),
+    for name, (fn, v) in forwards.items():
+      rounds[name].append(_time(lambda fn=fn, v=v: fn(v, x), calls))
+  sizes, padding = sj.compact_bytes(stored), sjnn.runtime_bytes(forwards["slots"][1])
+  out = {f"{name}_ms": statistics.median(times) for name, times in rounds.items()}
+  for name in ("auto", "slots"):
+    out[f"{name}_speedup"] = statistics.median(
+        d / c for d, c in zip(rounds["dense"], rounds[name]))
+  return {**out,
           "bytes_per_nnz": (sizes["values"] + sizes["indices"] + sizes["offsets"]) / sizes["nnz"],
           "stored_mb": sizes["total"] / 2**20, "dense_mb": sizes["dense_total"] / 2**20,
           "padding": padding["padding_slots"] / max(padding["slots"], 1)}
@@ -105,15 +111,16 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   print(f"command: `python benchmarks/inference.py --repeats {args.repeats} --calls "
         f"{args.calls} --batches {args.batches}`\n")
-  print("| model | sparsity | batch | dense (ms) | compact (ms) | dense ÷ compact | stored: bytes "
-        "per nnz, MB (dense MB) | runtime padding |")
-  print("|---|---:|---:|---:|---:|---:|---|---:|")
+  print("| model | sparsity | batch | dense (ms) | auto (ms) | dense ÷ auto | slots (ms) | "
+        "dense ÷ slots | stored: bytes per nnz, MB (dense MB) | slot padding |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
   for name, sparsity in CASES:
     for batch in (int(b) for b in args.batches.split(",")):
       r = bench(name, sparsity, batch, args.repeats, args.calls)
-      print(f"| {name} | {sparsity:.2f} | {batch} | {r['dense_ms']:.3f} | {r['compact_ms']:.3f} "
-            f"| {r['speedup']:.2f} | {r['bytes_per_nnz']:.2f}, {r['stored_mb']:.2f} "
-            f"({r['dense_mb']:.1f}) | {r['padding']:.0%} |", flush=True)
+      print(f"| {name} | {sparsity:.2f} | {batch} | {r['dense_ms']:.3f} | {r['auto_ms']:.3f} "
+            f"| {r['auto_speedup']:.2f} | {r['slots_ms']:.3f} | {r['slots_speedup']:.2f} "
+            f"| {r['bytes_per_nnz']:.2f}, {r['stored_mb']:.2f} ({r['dense_mb']:.1f}) "
+            f"| {r['padding']:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Compact kernels (sj.compact) and the unchanged linen model run on them (sjnn.sparse_apply)."""
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -63,6 +65,10 @@ def trained(method: str, steps: int = 6):
   return model, {"params": params, "batch_stats": stats}, sj.masks(state), x
 
 
+def is_runtime_kernel(leaf) -> bool:
+  return isinstance(leaf, (sjnn.RowKernel, sjnn.SlotKernel))
+
+
 def assert_same_predictions(logits, reference):
   logits, reference = np.asarray(logits), np.asarray(reference)
   np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5)
@@ -72,10 +78,12 @@ def assert_same_predictions(logits, reference):
   np.testing.assert_array_equal(logits.argmax(-1)[clear], reference.argmax(-1)[clear])
 
 
-@pytest.mark.parametrize("method", ["rigl", "dst"])
-def test_sparse_apply_equals_the_masked_model(method):
+@pytest.mark.parametrize("method,runtime", [("rigl", "rows"), ("rigl", "slots"),
+                                            ("dst", "rows"), ("dst", "slots")])
+def test_sparse_apply_equals_the_masked_model(method, runtime):
   """After real training: every masked kernel compacts, the unchanged model run on them
-  (eagerly and under jit) gives the masked dense model's logits and predictions."""
+  (eagerly and under jit, on either runtime form) gives the masked dense model's logits
+  and predictions."""
   model, variables, masks, x = trained(method)
   stored = {**variables, "params": sj.compact(variables["params"], masks)}
   kernels = [leaf for leaf in jax.tree.leaves(stored, is_leaf=is_compact)
@@ -84,20 +92,55 @@ def test_sparse_apply_equals_the_masked_model(method):
   for kernel, mask in zip(kernels, jax.tree.leaves(masks), strict=True):
     assert kernel.nnz == int(np.asarray(mask).sum())
   reference = model.apply(variables, x)
-  assert_same_predictions(sjnn.sparse_apply(model, stored, x), reference)
-  runtime = sjnn.prepare(model, stored, x)
-  jitted = jax.jit(lambda v, x: sjnn.sparse_apply(model, v, x))(runtime, x)
+  assert_same_predictions(sjnn.sparse_apply(model, stored, x), reference)  # "auto"
+  prepared = sjnn.prepare(model, stored, x, runtime=runtime)
+  kinds = [type(leaf) for leaf in jax.tree.leaves(prepared, is_leaf=is_runtime_kernel)
+           if is_runtime_kernel(leaf)]
+  assert kinds == [sjnn.RowKernel if runtime == "rows" else sjnn.SlotKernel] * 7
+  jitted = jax.jit(lambda v, x: sjnn.sparse_apply(model, v, x))(prepared, x)
   assert_same_predictions(jitted, reference)
 
 
 def test_the_slot_loop_equals_the_one_gather_path(monkeypatch):
   model, variables, masks, x = trained("rigl", steps=2)
   runtime = sjnn.prepare(model, {**variables, "params": sj.compact(variables["params"], masks)},
-                         x)
+                         x, runtime="slots")
   gathered = sjnn.sparse_apply(model, runtime, x)
   monkeypatch.setattr(inference, "ONE_GATHER_LIMIT", 0)
   np.testing.assert_allclose(sjnn.sparse_apply(model, runtime, x), gathered, rtol=1e-5,
                              atol=1e-6)
+
+
+def test_auto_runs_a_mostly_active_kernel_densely():
+  """With "auto", a kernel with more than DENSE_ABOVE of its weights active runs as its
+  dense (masked) kernel, in linen and nnx; a sparser one gets the row kernel."""
+  model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(10)])
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 32))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  rng = np.random.default_rng(0)
+  masks = {"layers_0": {"kernel": rng.random((32, 64)) < 0.1, "bias": None},
+           "layers_2": {"kernel": rng.random((64, 10)) < 0.9, "bias": None}}
+  params = jax.tree.map(lambda p, m: p if m is None else p * m, params, masks,
+                        is_leaf=lambda m: m is None)
+  runtime = sjnn.prepare(model, {"params": sj.compact(params, masks)}, x)
+  assert isinstance(runtime["params"]["layers_0"]["kernel"], sjnn.RowKernel)
+  np.testing.assert_array_equal(runtime["params"]["layers_2"]["kernel"],
+                                params["layers_2"]["kernel"])
+  np.testing.assert_allclose(sjnn.sparse_apply(model, runtime, x),
+                             model.apply({"params": params}, x), rtol=1e-5, atol=1e-5)
+
+  net = nnx.Sequential(nnx.Linear(32, 64, rngs=nnx.Rngs(0)), nnx.relu,
+                       nnx.Linear(64, 10, rngs=nnx.Rngs(1)))
+  nnx_masks = {"layers": {0: {"kernel": masks["layers_0"]["kernel"], "bias": None},
+                          2: {"kernel": masks["layers_2"]["kernel"], "bias": None}}}
+  state = nnx.state(net, nnx.Param)
+  nnx_params = jax.tree.map(lambda p, m: p if m is None else p * m, nnx.to_pure_dict(state),
+                            nnx_masks, is_leaf=lambda m: m is None)
+  nnx.update(net, nnx_params)
+  sparse = sjnn.sparsify(net, sj.compact(nnx_params, nnx_masks))
+  assert isinstance(sparse.layers[0], sjnn.CompactLayer)
+  assert isinstance(sparse.layers[2], nnx.Linear)
+  np.testing.assert_allclose(sparse(x), net(x), rtol=1e-5, atol=1e-5)
 
 
 def test_stored_bytes_grow_with_nnz_not_with_the_layer_or_its_densest_unit():
@@ -183,6 +226,23 @@ def test_bad_input_is_one_line():
     sjnn.prepare(OneDense(), stored, x)
   with pytest.raises(ValueError, match=r"^sparse_apply under jit needs the runtime form"):
     jax.jit(lambda v: sjnn.sparse_apply(OneDense(), v, x))({"params": sj.compact(params, good)})
+  compact = {"params": sj.compact(params, good)}
+  with pytest.raises(ValueError, match=r"^runtime must be one of auto, rows, slots; got 'fast'$"):
+    sjnn.prepare(OneDense(), compact, x, runtime="fast")
+  kernel = compact["params"]["Dense_0"]["kernel"]
+  corrupt = {  # what a damaged checkpoint could hold: positions past the fan-in, bad rows
+      "an index outside [0, 4)": dataclasses.replace(kernel, indices=kernel.indices + 3),
+      "its offsets do not split the values into rows": dataclasses.replace(
+          kernel, offsets=kernel.offsets[::-1].copy()),
+      "4 offsets and 12 indices expected, got 3 and 12": dataclasses.replace(
+          kernel, offsets=kernel.offsets[:3]),
+  }
+  for problem, bad in corrupt.items():
+    for runtime in ("rows", "slots"):
+      with pytest.raises(ValueError, match=re.escape(
+          f"params/Dense_0/kernel: not a compact kernel of shape [4, 3]: {problem}")):
+        sjnn.prepare(OneDense(), {"params": {"Dense_0": {**compact["params"]["Dense_0"],
+                                                         "kernel": bad}}}, x, runtime=runtime)
 
 
 class NnxNet(nnx.Module):
@@ -205,8 +265,8 @@ class NnxNet(nnx.Module):
 @pytest.mark.parametrize("method", ["rigl", "dst"])
 def test_nnx_sparsify_equals_the_masked_model(method):
   """nnx.Optimizer training, then sparsify: every Linear, LinearGeneral and Conv is a
-  CompactLayer computing the masked model's logits (eagerly and under nnx.jit); the
-  original model is unchanged."""
+  CompactLayer computing the masked model's logits (eagerly and under nnx.jit, on either
+  runtime form); the original model is unchanged."""
   model = NnxNet(nnx.Rngs(0))
   kx, ky = jax.random.split(jax.random.PRNGKey(1))
   x, y = jax.random.normal(kx, (16, 6, 6, 3)), jax.random.randint(ky, (16,), 0, 10)
@@ -223,13 +283,16 @@ def test_nnx_sparsify_equals_the_masked_model(method):
     step(model, optimizer)
   model.eval()
   stored = sj.compact(nnx.state(model, nnx.Param), sj.masks(optimizer.opt_state))
-  sparse = sjnn.sparsify(model, stored)
-  layers = (sparse.conv, sparse.attention.query, sparse.attention.out, *sparse.layers)
-  assert all(isinstance(layer, sjnn.CompactLayer) for layer in layers)
-  assert isinstance(model.layers[0], nnx.Linear)
   reference = model(x)
-  assert_same_predictions(sparse(x), reference)
-  assert_same_predictions(nnx.jit(lambda m, x: m(x))(sparse, x), reference)
+  for runtime in ("rows", "slots"):
+    sparse = sjnn.sparsify(model, stored, runtime=runtime)
+    layers = (sparse.conv, sparse.attention.query, sparse.attention.out, *sparse.layers)
+    assert all(isinstance(layer, sjnn.CompactLayer) for layer in layers)
+    assert all((layer.offsets is not None) == (runtime == "rows") for layer in layers)
+    assert_same_predictions(sparse(x), reference)
+    assert_same_predictions(nnx.jit(lambda m, x: m(x))(sparse, x), reference)
+  assert isinstance(model.layers[0], nnx.Linear)
+  assert_same_predictions(sjnn.sparsify(model, stored)(x), reference)  # "auto"
 
 
 def test_the_export_command_compacts_a_finished_run(data_dir, tmp_path):

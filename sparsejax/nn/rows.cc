@@ -12,7 +12,8 @@
 // x by position; the unit's weights stay in L1 between rows. Larger batches transpose x
 // tile by tile into [fan_in, kTile] so that each weight reads one contiguous vector of
 // kTile rows. The work is split over XLA's intra-op threads (the calling thread included):
-// by units of equal non-zero counts for small batches, by tiles and units for larger ones.
+// by units of equal non-zero counts for small batches, by tiles and units for larger ones;
+// small products stay on the calling thread.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -30,6 +31,9 @@ namespace {
 constexpr int64_t kTile = 16;        // batch rows per tile: one 64-byte vector of floats
 constexpr int64_t kGatherBatch = 8;  // batches below this read x by position
 constexpr int64_t kPartsPerThread = 8;
+// Products with fewer multiply-adds run on the calling thread alone: waking a pool thread
+// costs more than it saves (measured on LeNet-300-100 at batch 1).
+constexpr int64_t kParallelWork = 1 << 15;
 
 typedef float Tile __attribute__((vector_size(kTile * sizeof(float))));
 
@@ -111,7 +115,8 @@ ffi::Error Rows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   for (int64_t u = 0; u < units; ++u) {
     if (offsets[u] > offsets[u + 1]) return ffi::Error::InvalidArgument("offsets decrease");
   }
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads =
+      nnz * batch < kParallelWork ? 1 : std::max<int64_t>(1, pool.num_threads());
   if (batch < kGatherBatch) {
     const int64_t parts = std::max<int64_t>(1, std::min(units, kPartsPerThread * threads));
     const std::vector<int64_t> bounds = SplitByWeights(offsets, units, parts);

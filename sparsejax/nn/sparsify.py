@@ -4,7 +4,8 @@
 whose kernel was compacted (``sj.compact``) by a :class:`CompactLayer` that holds the
 kernel's runtime form (:class:`sparsejax.nn.inference.RowKernel` or
 :class:`~sparsejax.nn.inference.SlotKernel`) and computes like the layer it replaces;
-every other module is kept. Example::
+every other module is kept (with ``runtime="auto"``, a layer whose kernel is mostly
+active keeps its dense kernel: see :data:`sparsejax.nn.inference.DENSE_ABOVE`). Example::
 
   params = nnx.state(model, nnx.Param)
   sparse_model = sjnn.sparsify(model, sj.compact(params, sj.masks(optimizer.opt_state)))
@@ -19,6 +20,7 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsejax.compact import CompactKernel, is_compact
 from sparsejax.masks import unbox
@@ -124,7 +126,7 @@ def sparsify(model: nnx.Module, compact: Any, runtime: str = "auto") -> nnx.Modu
     ValueError: one line, for a compact kernel that is not a supported layer's, one whose
       arrays are inconsistent, or a bad ``runtime``.
   """
-  form = runtime_form(runtime)
+  runtime_form(runtime)  # a bad runtime is refused before the model is copied
   model = nnx.clone(model)
   kernels = {tuple(str(getattr(k, "key", k)) for k in path): leaf
              for path, leaf in jax.tree_util.tree_flatten_with_path(unbox(compact),
@@ -140,7 +142,11 @@ def sparsify(model: nnx.Module, compact: Any, runtime: str = "auto") -> nnx.Modu
     name = "/".join(map(str, path))
     check_supported(layer, name)
     used.add(key)
-    sparse = CompactLayer(layer, runtime_kernel(kernels[key], _in_ndim(layer), name, form))
+    kernel = runtime_kernel(kernels[key], _in_ndim(layer), name, runtime)
+    if isinstance(kernel, np.ndarray):  # "auto" runs a mostly active kernel densely
+      layer.kernel[...] = jnp.asarray(kernel, layer.kernel.dtype)
+      continue
+    sparse = CompactLayer(layer, kernel)
     parent = model
     for part in path[:-1]:
       parent = parent[part] if isinstance(part, int) else getattr(parent, part)
