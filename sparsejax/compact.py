@@ -134,10 +134,11 @@ def compact_bytes(tree: Any) -> dict[str, int]:
 
   Returns:
     ``{"values", "indices", "offsets"}`` over the compact kernels, ``"dense_leaves"``
-    (everything else), ``"total"``, ``"nnz"`` and ``"dense_total"``: the bytes of the
-    same params with dense kernels.
+    (everything else), ``"total"``, ``"nnz"``, ``"kernels"`` (how many compact
+    kernels) and ``"dense_total"``: the bytes of the same params with dense kernels.
   """
-  out = dict.fromkeys(("values", "indices", "offsets", "dense_leaves", "nnz", "dense_total"), 0)
+  out = dict.fromkeys(("values", "indices", "offsets", "dense_leaves", "nnz", "kernels",
+                       "dense_total"), 0)
   for leaf in jax.tree.leaves(tree, is_leaf=is_compact):
     if isinstance(leaf, CompactKernel):
       values = np.asarray(leaf.values)
@@ -145,6 +146,7 @@ def compact_bytes(tree: Any) -> dict[str, int]:
       out["indices"] += np.asarray(leaf.indices).nbytes
       out["offsets"] += np.asarray(leaf.offsets).nbytes
       out["nnz"] += leaf.nnz
+      out["kernels"] += 1
       out["dense_total"] += math.prod(leaf.shape) * values.dtype.itemsize
     else:
       size = np.asarray(leaf).nbytes

@@ -311,6 +311,7 @@ def test_the_export_command_compacts_a_finished_run(data_dir, tmp_path):
   assert dense[0] == "rigl, masked dense" and compact[0] == "rigl, compact"
   assert dense[1] == compact[1] and compact[2] == "100.00"
   assert 8.0 <= float(compact[4]) <= 1.25 * 8
+  assert dense[5] == "dense" and compact[5] in ("3 rows", "2 rows, 1 dense")  # ERK at 90 %
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore((run / "compact").absolute())
   nnz = {f"{name}/kernel": len(layer["kernel"]["values"])

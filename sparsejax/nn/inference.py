@@ -335,11 +335,13 @@ def runtime_bytes(variables: Any) -> dict[str, int]:
   """The runtime form's bytes.
 
   Returns:
-    ``{"slots", "padding_slots", "padding_bytes", "total"}``: ``slots`` counts the
-    weight entries of the runtime kernels (a :class:`RowKernel` has one per non-zero and
-    no padding), ``total`` every byte including the other leaves.
+    ``{"slots", "padding_slots", "padding_bytes", "total", "row_kernels",
+    "slot_kernels"}``: ``slots`` counts the weight entries of the runtime kernels (a
+    :class:`RowKernel` has one per non-zero and no padding), ``total`` every byte
+    including the other leaves, and the last two how many kernels have each form.
   """
-  out = dict.fromkeys(("slots", "padding_slots", "padding_bytes", "total"), 0)
+  out = dict.fromkeys(("slots", "padding_slots", "padding_bytes", "total", "row_kernels",
+                       "slot_kernels"), 0)
   for leaf in jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, RUNTIME_KERNELS)):
     if isinstance(leaf, SlotKernel):
       per_slot = np.asarray(leaf.values).dtype.itemsize + 4
@@ -347,10 +349,12 @@ def runtime_bytes(variables: Any) -> dict[str, int]:
       out["padding_slots"] += leaf.padding
       out["padding_bytes"] += leaf.padding * per_slot
       out["total"] += int(np.asarray(leaf.indices).size) * per_slot
+      out["slot_kernels"] += 1
     elif isinstance(leaf, RowKernel):
       out["slots"] += int(np.asarray(leaf.values).size)
       out["total"] += sum(int(np.asarray(a).nbytes) for a in (leaf.values, leaf.positions,
                                                                leaf.offsets))
+      out["row_kernels"] += 1
     else:
       out["total"] += int(np.asarray(leaf).nbytes)
   return out
