@@ -97,6 +97,8 @@ def test_sparse_apply_equals_the_masked_model(method, runtime):
   kinds = [type(leaf) for leaf in jax.tree.leaves(prepared, is_leaf=is_runtime_kernel)
            if is_runtime_kernel(leaf)]
   assert kinds == [sjnn.RowKernel if runtime == "rows" else sjnn.SlotKernel] * 7
+  # on the device: a jitted forward given host arrays would copy them at every call
+  assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(prepared["params"]))
   jitted = jax.jit(lambda v, x: sjnn.sparse_apply(model, v, x))(prepared, x)
   assert_same_predictions(jitted, reference)
 

@@ -183,14 +183,15 @@ def runtime_kernel(kernel: CompactKernel, in_ndim: int, name: str, runtime: str 
     runtime: ``"auto"``, ``"rows"`` or ``"slots"``.
 
   Returns:
-    A :class:`RowKernel` or :class:`SlotKernel`; with ``"auto"``, the dense kernel (numpy)
-    when more than :data:`DENSE_ABOVE` of its weights are active.
+    A :class:`RowKernel` or :class:`SlotKernel`; with ``"auto"``, the dense kernel when
+    more than :data:`DENSE_ABOVE` of its weights are active. Its arrays are on the
+    default device: a jitted forward given host arrays would copy them on every call.
   """
   form = runtime_form(runtime)
   kernel.check(name)
   if runtime == "auto" and kernel.nnz > DENSE_ABOVE * math.prod(kernel.shape):
-    return kernel.dense()
-  return (_rows if form == "rows" else _slots)(kernel, in_ndim)
+    return jnp.asarray(kernel.dense())
+  return jax.tree.map(jnp.asarray, (_rows if form == "rows" else _slots)(kernel, in_ndim))
 
 
 def _in_ndim(layer: Any) -> int:

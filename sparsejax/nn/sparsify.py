@@ -20,7 +20,6 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sparsejax.compact import CompactKernel, is_compact
 from sparsejax.masks import unbox
@@ -143,7 +142,7 @@ def sparsify(model: nnx.Module, compact: Any, runtime: str = "auto") -> nnx.Modu
     check_supported(layer, name)
     used.add(key)
     kernel = runtime_kernel(kernels[key], _in_ndim(layer), name, runtime)
-    if isinstance(kernel, np.ndarray):  # "auto" runs a mostly active kernel densely
+    if not isinstance(kernel, (RowKernel, SlotKernel)):  # "auto" runs it densely
       layer.kernel[...] = jnp.asarray(kernel, layer.kernel.dtype)
       continue
     sparse = CompactLayer(layer, kernel)
