@@ -108,7 +108,7 @@ import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, sparsejax as sj, sp
 model = nn.Dense(3)
 x = jnp.ones((2, 4))
 params = model.init(jax.random.PRNGKey(0), x)["params"]
-stored = {"params": sj.compact(params, {"kernel": np.ones((4, 3), bool), "bias": None})}
+stored = {"params": sj.compact(params, {"kernel": np.eye(4, 3, dtype=bool), "bias": None})}
 with warnings.catch_warnings(record=True) as caught:
   warnings.simplefilter("always")
   runtime = sjnn.prepare(model, stored, x)
