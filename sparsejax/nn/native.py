@@ -32,6 +32,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 SOURCE = Path(__file__).with_name("rows.cc")
 TARGETS = {jnp.dtype(jnp.uint16): "sparsejax_rows_u16", jnp.dtype(jnp.int32): "sparsejax_rows_s32"}
@@ -53,15 +54,14 @@ def _cpu_identity() -> str:
 
 
 def _cache_dir() -> Path:
+  """Where built libraries are kept: ``$SPARSEJAX_CACHE_DIR`` or the user's cache."""
   base = os.environ.get("SPARSEJAX_CACHE_DIR") or Path(
       os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparsejax"
   return Path(base)
 
 
 def _build(compiler: str, include: str) -> Path:
-  """The shared library for this source, jaxlib, compiler and CPU, built if not cached."""
-  import jaxlib  # pylint: disable=g-import-not-at-top
-
+  """The shared library for this source, jaxlib, flags and CPU, built if not cached."""
   key = hashlib.sha256("\0".join([
       SOURCE.read_text(), jaxlib.__version__, " ".join(FLAGS), _cpu_identity()
   ]).encode()).hexdigest()[:16]
@@ -111,7 +111,8 @@ def unavailable() -> str | None:
   The first call may build the kernel (a few seconds; cached across processes).
   """
   if jax.default_backend() != "cpu":
-    return f"the compiled kernel runs on the CPU, and the default backend is {jax.default_backend()}"
+    return ("the compiled kernel runs on the CPU, and the default backend is "
+            f"{jax.default_backend()}")
   return _load()
 
 
