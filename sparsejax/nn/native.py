@@ -35,7 +35,9 @@ import jax.numpy as jnp
 import jaxlib
 
 SOURCE = Path(__file__).with_name("rows.cc")
-TARGETS = {jnp.dtype(jnp.uint16): "sparsejax_rows_u16", jnp.dtype(jnp.int32): "sparsejax_rows_s32"}
+# position dtype: (the handler's symbol in rows.cc, the name XLA knows it by)
+HANDLERS = {jnp.dtype(jnp.uint16): ("SparsejaxRowsU16", "sparsejax_rows_u16"),
+            jnp.dtype(jnp.int32): ("SparsejaxRowsS32", "sparsejax_rows_s32")}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -98,8 +100,7 @@ def _load() -> str | None:
     warnings.warn(f"sparsejax: the compiled sparse kernel is unavailable ({reason}); compact "
                   "models run on the slot kernels, which are slower on the CPU", stacklevel=3)
     return reason
-  for symbol, target in (("SparsejaxRowsU16", TARGETS[jnp.dtype(jnp.uint16)]),
-                         ("SparsejaxRowsS32", TARGETS[jnp.dtype(jnp.int32)])):
+  for symbol, target in HANDLERS.values():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform="cpu")
   return None
@@ -123,8 +124,8 @@ def position_dtype(fan_in: int) -> jnp.dtype:
 
 def _unit_of_each(offsets: jax.Array, nnz: int) -> jax.Array:
   """For each of the ``nnz`` weights, the unit it belongs to."""
-  starts = jnp.zeros(nnz + 1, jnp.int32).at[offsets[1:-1]].add(1)
-  return jnp.cumsum(starts)[:nnz]
+  return jnp.repeat(jnp.arange(offsets.shape[0] - 1), jnp.diff(offsets),
+                    total_repeat_length=nnz)
 
 
 @jax.custom_vjp
@@ -151,7 +152,7 @@ def rows_product(x: jax.Array, values: jax.Array, positions: jax.Array, offsets:
   if reason is not None:
     raise NativeUnavailable(f"the compiled sparse kernel is unavailable: {reason}")
   units = offsets.shape[0] - 1
-  call = jax.ffi.ffi_call(TARGETS[jnp.dtype(positions.dtype)],
+  call = jax.ffi.ffi_call(HANDLERS[jnp.dtype(positions.dtype)][1],
                           jax.ShapeDtypeStruct((x.shape[0], units), jnp.float32),
                           vmap_method="sequential")
   return call(x, values, positions, offsets)
