@@ -5,12 +5,12 @@ Run::
   python benchmarks/compile.py [--blocks 2,6,12,24] [--methods static,rigl,dst] \
       [--repeats 3] [--quick]
 
-Model: a GPT-style decoder-only transformer in flax.linen -- token embedding (vocab
-512), a learned positional embedding, ``--blocks`` pre-LayerNorm blocks (causal
-4-head ``MultiHeadDotProductAttention`` with d_model 128, then an MLP 128-512-128
-with gelu), a final LayerNorm and a Dense head to the vocab -- trained on next-token
-cross-entropy over one fixed random batch of 8 sequences of 64 tokens. A block has
-16 leaves (6 of them kernels, masked by default), so 12 blocks give 198 leaves.
+Model: ``models.GPT``, a GPT-style decoder-only transformer in flax.linen -- token
+embedding (vocab 512), a learned positional embedding, ``--blocks`` pre-LayerNorm blocks
+(causal 4-head ``MultiHeadDotProductAttention`` with d_model 128, then an MLP
+128-512-128 with gelu), a final LayerNorm and a Dense head to the vocab -- trained on
+next-token cross-entropy over one fixed random batch of 8 sequences of 64 tokens. A
+block has 16 leaves (6 of them kernels, masked by default), so 12 blocks give 198 leaves.
 
 Variants: ``dense`` (``optax.adam(1e-3)``); ``static``
 (``static_sparse(adam, sparsity=0.9, distribution="erk")``); ``rigl`` (the same with
@@ -54,39 +54,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from models import D_MODEL, GPT, HEADS, MLP_WIDTH, SEQ, VOCAB, next_token_batch
 import optax
 
 import sparsejax as sj
 
 METHODS = ("static", "rigl", "rigl_scheduled", "dst")
-VOCAB, D_MODEL, HEADS, MLP_WIDTH = 512, 128, 4, 512
-SEQ, BATCH = 64, 8
+BATCH = 8
 PIECES = ("init", "compile", "run")
-
-
-class Block(nn.Module):
-  """Pre-LayerNorm transformer block: causal self-attention, then a gelu MLP."""
-
-  @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    h = nn.LayerNorm()(x)
-    x = x + nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=D_MODEL)(h, mask=mask)
-    h = nn.Dense(MLP_WIDTH)(nn.LayerNorm()(x))
-    return x + nn.Dense(D_MODEL)(nn.gelu(h))
-
-
-class GPT(nn.Module):
-  """Decoder-only transformer mapping tokens ``[batch, seq]`` to logits ``[batch, seq, vocab]``."""
-  blocks: int
-
-  @nn.compact
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (SEQ, D_MODEL))
-    x = nn.Embed(VOCAB, D_MODEL)(tokens) + pos[:tokens.shape[1]]
-    mask = nn.make_causal_mask(tokens)
-    for _ in range(self.blocks):
-      x = Block()(x, mask)
-    return nn.Dense(VOCAB)(nn.LayerNorm()(x))
 
 
 def make_tx(method: str) -> optax.GradientTransformation:
@@ -161,8 +136,7 @@ def bench_blocks(blocks: int, variants: Sequence[str], repeats: int, warmup: boo
   """
   model = GPT(blocks)
   kt, kp = jax.random.split(jax.random.PRNGKey(0))
-  tokens = jax.random.randint(kt, (BATCH, SEQ + 1), 0, VOCAB)
-  x, y = tokens[:, :-1], tokens[:, 1:]
+  x, y = next_token_batch(kt, BATCH)
   params = model.init(kp, x)["params"]
   masked: dict[str, int] = {}
   if warmup:

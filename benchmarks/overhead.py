@@ -2,15 +2,18 @@
 
 Run::
 
-  python benchmarks/overhead.py [--models lenet,mlp1024] \
+  python benchmarks/overhead.py [--models lenet,mlp1024,gpt] \
       [--methods static,set,rigl,dst_ee,gse,gse_grabo,gmp,dst] \
       [--repeats 7] [--calls 5] [--sparsity 0.9]
 
-Models (flax.linen MLPs with ReLU, trained with ``optax.adam(1e-3)`` on one fixed
-random batch of 256 kept on device):
+Models (flax.linen, ``benchmarks/models.py``), trained with ``optax.adam(1e-3)`` on one
+fixed random batch kept on device:
 
-- ``lenet``: LeNet-300-100, 784-300-100-10;
-- ``mlp1024``: 784-1024-1024-1024-10.
+- ``lenet``: LeNet-300-100, a 784-300-100-10 ReLU MLP, batch 256;
+- ``mlp1024``: a 784-1024-1024-1024-10 ReLU MLP, batch 256;
+- ``gpt``: ``models.GPT`` with 6 blocks (d_model 128, 4 heads, MLP 512, vocab 512;
+  102 leaves, 37 of them masked kernels), next-token cross-entropy on 8 sequences of 64
+  tokens: many small leaves, attention kernels with a heads axis.
 
 Each variant is one jitted train step -- ``value_and_grad`` of the softmax
 cross-entropy, ``tx.update`` and ``optax.apply_updates`` -- with params and
@@ -75,31 +78,40 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from models import GPT, MLP, SEQ, next_token_batch
 import optax
 
 import sparsejax as sj
 
+BATCH = 256  # MLP inputs
+IN_FEATURES = 784
+GPT_BLOCKS, GPT_BATCH = 6, 8  # sequences of models.SEQ tokens
+Problem = tuple[nn.Module, jax.Array, jax.Array]  # model, inputs, integer targets
+
+
+def mlp_problem(features: Sequence[int]) -> Callable[[jax.Array], Problem]:
+  """An MLP on one random batch of :data:`BATCH` inputs of :data:`IN_FEATURES` features."""
+  def build(key: jax.Array) -> Problem:
+    kx, ky = jax.random.split(key)
+    x = jax.random.normal(kx, (BATCH, IN_FEATURES), jnp.float32)
+    return MLP(features), x, jax.random.randint(ky, (BATCH,), 0, features[-1])
+  return build
+
+
+def gpt_problem(key: jax.Array) -> Problem:
+  """``models.GPT`` with :data:`GPT_BLOCKS` blocks on :data:`GPT_BATCH` random sequences."""
+  return GPT(GPT_BLOCKS), *next_token_batch(key, GPT_BATCH)
+
+
 MODELS = {
-    "lenet": ("LeNet-300-100", (300, 100, 10)),
-    "mlp1024": ("1024-1024-1024-10", (1024, 1024, 1024, 10)),
+    "lenet": ("LeNet-300-100", mlp_problem((300, 100, 10))),
+    "mlp1024": ("1024-1024-1024-10", mlp_problem((1024, 1024, 1024, 10))),
+    "gpt": (f"GPT, {GPT_BLOCKS} blocks", gpt_problem),
 }
 METHODS = ("static", "set", "rigl", "dst_ee", "gse", "gse_grabo", "gmp", "dst")
 NO_UPDATE_STEP = ("static", "dst")  # static never rewires; DST updates its masks every step
-BATCH = 256
-IN_FEATURES = 784
 NEVER = 10**8  # update_every that keeps mask updates out of the timed window
 END_STEP = 10**9
-
-
-class MLP(nn.Module):
-  """Fully connected ReLU network; the last entry of ``features`` is the logits width."""
-  features: Sequence[int]
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    for width in self.features[:-1]:
-      x = nn.relu(nn.Dense(width)(x))
-    return nn.Dense(self.features[-1])(x)
 
 
 def make_tx(method: str, update_every: int | None, sparsity: float
@@ -204,11 +216,8 @@ def bench_model(model_key: str, methods: Sequence[str], repeats: int, calls: int
     (``mask_update=True``) or "checked_update" (update step with the ``lax.cond``);
     dense is ``("dense", "train")``.
   """
-  _, features = MODELS[model_key]
-  model = MLP(features)
-  kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
-  x = jax.random.normal(kx, (BATCH, IN_FEATURES), jnp.float32)
-  y = jax.random.randint(ky, (BATCH,), 0, features[-1])
+  key, kp = jax.random.split(jax.random.PRNGKey(0))
+  model, x, y = MODELS[model_key][1](key)
   params = model.init(kp, x)["params"]
 
   variants = [Variant("dense", "train", model, make_tx("dense", None, sparsity), params, x, y)]
@@ -250,7 +259,7 @@ def _cell(result: dict[str, float] | None, goal: float) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
   """Parses flags, runs the benchmark and prints a Markdown table."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--models", default="lenet,mlp1024",
+  parser.add_argument("--models", default="lenet,mlp1024,gpt",
                       help=f"comma-separated subset of {','.join(MODELS)}")
   parser.add_argument("--methods", default=",".join(METHODS),
                       help=f"comma-separated subset of {','.join(METHODS)}")
@@ -273,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
   print(f"command: `{command}`")
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s); "
-        f"optax.adam(1e-3), batch {BATCH}, sparsity {args.sparsity} "
+        f"optax.adam(1e-3), batch {BATCH} (GPT: {GPT_BATCH} x {SEQ} tokens), "
+        f"sparsity {args.sparsity} "
         f"(erk for set/rigl/dst_ee/gse/static, "
         f"uniform for gmp); {args.repeats} rounds x {args.calls} calls, median of per-round "
         f"ratios")

@@ -30,8 +30,9 @@ import sys
 
 import jax
 from jax.sharding import NamedSharding
+from models import MLP
 import optax
-from overhead import MLP, Variant
+from overhead import Variant
 
 import sparsejax as sj
 from sparsejax.train import sharding
