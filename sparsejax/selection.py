@@ -118,6 +118,28 @@ def count_true(flags: jax.Array) -> jax.Array:
                  dtype=jnp.int32)
 
 
+def count_each(flags: list[jax.Array]) -> jax.Array:
+  """Number of True entries of every bool array, in one pass over all of them.
+
+  The arrays are laid out together as in a selection and counted per segment: one
+  kernel whatever their number, where a count per array compiles one reduction each
+  (and XLA duplicates scalars combined from many of them into every consumer).
+
+  Args:
+    flags: bool arrays of any shapes.
+
+  Returns:
+    ``[len(flags)]`` int32 counts.
+  """
+  if not flags:
+    return jnp.zeros((0,), jnp.int32)
+  rows = [_layout_rows(f.size) for f in flags]
+  layout = jnp.concatenate([jnp.pad(f.reshape(-1), (0, r * _COLUMNS - f.size)).reshape(r, _COLUMNS)
+                            for f, r in zip(flags, rows, strict=True)])
+  row_segment = np.repeat(np.arange(len(flags), dtype=np.int32), rows)
+  return _per_segment(layout, row_segment, len(flags))
+
+
 def top_k_masks(scores: list[jax.Array], k: jax.Array | int,
                 eligible: list[jax.Array | None] | None = None,
                 segments: list[int] | None = None) -> list[jax.Array]:

@@ -16,7 +16,7 @@ import optax
 
 from sparsejax.masks import DensePredicate, map_masked_together, nnz_targets, random_masks
 from sparsejax.scores import ScoreFn, ScoreInputs
-from sparsejax.selection import count_true, top_k_each
+from sparsejax.selection import count_each, top_k_each
 
 
 def random_init(sparsity: float, distribution: str | Mapping[str, float],
@@ -70,7 +70,7 @@ def drop_and_grow_leaves(masks: list[jax.Array], drop_scores: list[jax.Array],
   Returns:
     The new bool masks.
   """
-  nnz = jnp.stack([count_true(m) for m in masks])
+  nnz = count_each(masks)
   k = swap_count(fraction, nnz)
   kept = top_k_each(drop_scores, nnz - k, eligible=masks)
   grown = top_k_each(grow_scores, k, eligible=[~m for m in kept])

@@ -42,6 +42,7 @@ import optax
 from sparsejax.masks import is_unmasked, map_masked
 from sparsejax.optstate import reset_entries
 from sparsejax.scores import ScoreInputs
+from sparsejax.selection import count_each
 
 
 def never(step: int) -> bool:
@@ -147,15 +148,14 @@ def _masked_updates(updates: Any, masks: Any, params: Any) -> Any:
 
 
 def all_finite(tree: Any, masks: Any) -> jax.Array:
-  """Whether every masked leaf of ``tree`` is finite (a bool scalar)."""
-  checks = jax.tree.leaves(map_masked(lambda _, x: jnp.isfinite(x).all(), masks, tree))
-  return jnp.stack(checks).all() if checks else jnp.ones((), bool)
+  """Whether every masked leaf of ``tree`` is finite (a bool scalar), in one pass."""
+  flags = [~jnp.isfinite(x) for x in jax.tree.leaves(map_masked(lambda _, x: x, masks, tree))]
+  return ~jnp.any(count_each(flags) > 0)
 
 
 def any_leaf(masks: Any) -> jax.Array:
-  """Whether any masked leaf has a True entry (a bool scalar)."""
-  flags = jax.tree.leaves(map_masked(lambda m: m.any(), masks))
-  return jnp.stack(flags).any() if flags else jnp.zeros((), bool)
+  """Whether any masked leaf has a True entry (a bool scalar), in one pass."""
+  return jnp.any(count_each(jax.tree.leaves(masks)) > 0)
 
 
 def require_params(params: Any) -> None:
@@ -247,8 +247,11 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
       # optimizer state (which make XLA copy it).
       is_update = jnp.ones((), bool)
       finite = all_finite(updates, state.masks)
-      masks, key, extra = optax.tree.where(finite, rewire(state.key, state.extra),
-                                           (state.masks, state.key, state.extra))
+      # A cond, not a select per leaf: XLA would fuse the all-leaves `finite` into every
+      # leaf's select, code quadratic in the number of leaves.
+      masks, key, extra = jax.lax.cond(finite, rewire,
+                                       lambda key, extra: (state.masks, key, extra),
+                                       state.key, state.extra)
       inner_state, ever, changed = reset_grown(masks, state.inner_state)
     else:
       def rewire_and_reset(key, extra, inner_state):

@@ -8,7 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.selection import random_subsets, sortable_key, top_k_each, top_k_mask, top_k_masks
+from sparsejax.selection import (
+  count_each,
+  count_true,
+  random_subsets,
+  sortable_key,
+  top_k_each,
+  top_k_mask,
+  top_k_masks,
+)
 
 jitted = jax.jit(top_k_mask)
 
@@ -91,6 +99,19 @@ def test_selection_across_arrays_equals_selection_of_their_concatenation(data):
                                jnp.asarray(np.concatenate(eligible))))
   apart = across([jnp.asarray(a) for a in arrays], k, [jnp.asarray(e) for e in eligible])
   np.testing.assert_array_equal(np.concatenate([np.asarray(m) for m in apart]), together)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.data())
+def test_counts_of_many_arrays_in_one_pass_equal_numpy(data):
+  """count_each (one layout for all arrays, padding never counted) and count_true."""
+  shapes = [(1,), (7, 3), (8,), (129, 9), (2, 4, 128), (1025,)]  # padded or not to 8 × 128
+  flags = [data.draw(hnp.arrays(np.bool_, shape)) for shape in shapes]
+  counts = jax.jit(count_each)([jnp.asarray(f) for f in flags])
+  assert counts.dtype == jnp.int32
+  np.testing.assert_array_equal(counts, [f.sum() for f in flags])
+  assert [int(count_true(jnp.asarray(f))) for f in flags] == [f.sum() for f in flags]
+  assert count_each([]).shape == (0,)
 
 
 each = jax.jit(top_k_each)

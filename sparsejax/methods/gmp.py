@@ -17,7 +17,7 @@ from sparsejax.masks import (
   nnz_targets,
 )
 from sparsejax.scores import ScoreInputs
-from sparsejax.selection import count_true, top_k_each
+from sparsejax.selection import count_each, top_k_each
 from sparsejax.wrapper import SparseTransformation, Topology, sparse_wrapper
 
 
@@ -91,10 +91,10 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
       """Every layer's ``nnz`` largest active weights, in one selection."""
       def target(mask, final):
         initial = jnp.maximum(round((1.0 - initial_sparsity) * mask.size), final)
-        nnz = final + jnp.round((initial - final) * remaining(inputs.step))
-        return jnp.minimum(nnz.astype(jnp.int32), count_true(mask))
+        return (final + jnp.round((initial - final) * remaining(inputs.step))).astype(jnp.int32)
 
-      nnz = jnp.stack([target(m, n) for m, n in zip(masks, final_nnz)])
+      scheduled = jnp.stack([target(m, n) for m, n in zip(masks, final_nnz)])
+      nnz = jnp.minimum(scheduled, count_each(masks))
       return top_k_each([jnp.abs(p) for p in params], nnz, eligible=masks)
 
     masks = map_masked_together(prune, inputs.masks, inputs.extra, inputs.params)

@@ -55,7 +55,7 @@ from sparsejax.sampling import (
   sample_pairs,
 )
 from sparsejax.scores import ScoreInputs
-from sparsejax.selection import count_true, top_k_each, top_k_masks
+from sparsejax.selection import count_each, top_k_each, top_k_masks
 from sparsejax.topology import random_init, swap_count
 from sparsejax.wrapper import SparseTransformation, Topology, sparse_wrapper
 
@@ -247,21 +247,19 @@ def gse(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
                         targets[i], stats.get(names[i])) for i in chosen]
     active = [masks[i].reshape(-1) for i in chosen]
     weights = [jnp.abs(params[i].reshape(-1)) for i in chosen]
-    nnz = [count_true(a) for a in active]
+    nnz = count_each(active)
     rate = growth(inputs.step)
     if scope == "layer":
-      picks = top_k_each([c.scores for c in found], swap_count(rate, jnp.stack(nnz)),
+      picks = top_k_each([c.scores for c in found], swap_count(rate, nnz),
                          [c.eligible for c in found])
       grown = [_scatter(p, c.flat, a.size) for p, c, a in zip(picks, found, active)]
-      kept = top_k_each(weights, jnp.stack([n - count_true(g)
-                                            for n, g in zip(nnz, grown)]), active)
+      kept = top_k_each(weights, nnz - count_each(grown), active)
     else:
-      total = sum(nnz)
+      total = nnz.sum()
       picks = top_k_masks([c.scores for c in found], swap_count(rate, total),
                           [c.eligible for c in found])
       grown = [_scatter(p, c.flat, a.size) for p, c, a in zip(picks, found, active)]
-      n_grown = sum(count_true(g) for g in grown)
-      kept = top_k_masks(weights, total - n_grown, active)
+      kept = top_k_masks(weights, total - count_each(grown).sum(), active)
     new = list(masks)
     for i, k, g in zip(chosen, kept, grown):
       new[i] = (k | g).reshape(masks[i].shape)
