@@ -148,7 +148,12 @@ def _masked_updates(updates: Any, masks: Any, params: Any) -> Any:
 
 
 def all_finite(tree: Any, masks: Any) -> jax.Array:
-  """Whether every masked leaf of ``tree`` is finite (a bool scalar), in one pass."""
+  """Whether every masked leaf of ``tree`` is finite (a bool scalar), in one pass.
+
+  One count over all leaves (:func:`sparsejax.selection.count_each`): its result is one
+  kernel's output, where scalars combined from one reduction per leaf are fused by XLA
+  into every consumer.
+  """
   flags = [~jnp.isfinite(x) for x in jax.tree.leaves(map_masked(lambda _, x: x, masks, tree))]
   return ~jnp.any(count_each(flags) > 0)
 
@@ -247,11 +252,11 @@ def sparse_wrapper(inner: optax.GradientTransformation, topology: Topology,
       # optimizer state (which make XLA copy it).
       is_update = jnp.ones((), bool)
       finite = all_finite(updates, state.masks)
-      # A cond, not a select per leaf: XLA would fuse the all-leaves `finite` into every
-      # leaf's select, code quadratic in the number of leaves.
-      masks, key, extra = jax.lax.cond(finite, rewire,
-                                       lambda key, extra: (state.masks, key, extra),
-                                       state.key, state.extra)
+      # `finite` comes out of one reduction over all leaves (count_each), which every
+      # leaf's select reads; a scalar combined from one reduction per leaf would be
+      # fused into each of them: compiled code quadratic in the number of leaves.
+      masks, key, extra = optax.tree.where(finite, rewire(state.key, state.extra),
+                                           (state.masks, state.key, state.extra))
       inner_state, ever, changed = reset_grown(masks, state.inner_state)
     else:
       def rewire_and_reset(key, extra, inner_state):
