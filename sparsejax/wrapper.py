@@ -159,8 +159,14 @@ def all_finite(tree: Any, masks: Any) -> jax.Array:
 
 
 def any_leaf(masks: Any) -> jax.Array:
-  """Whether any masked leaf has a True entry (a bool scalar), in one pass."""
-  return jnp.any(count_each(jax.tree.leaves(masks)) > 0)
+  """Whether any masked leaf has a True entry (a bool scalar).
+
+  One reduction per leaf, unlike :func:`all_finite`: DST calls it at every step, where
+  one layout of all leaves would gather leaves sharded over devices, and its result is
+  read once (no consumer per leaf to duplicate it into).
+  """
+  flags = jax.tree.leaves(map_masked(lambda m: m.any(), masks))
+  return jnp.stack(flags).any() if flags else jnp.zeros((), bool)
 
 
 def require_params(params: Any) -> None:
