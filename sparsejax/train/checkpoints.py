@@ -241,7 +241,9 @@ def _check_contents(state: Any, record: dict[str, Any]) -> None:
 
 def _one_line(error: BaseException) -> str:
   """The first non-empty line of an error, prefixed with its type (without the
-  tensorstore spec that tensorstore appends to its errors)."""
+  tensorstore spec that tensorstore and orbax append to their errors)."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   line = lines[0].split(" [tensorstore_spec=")[0] if lines else ""
+  # Some of orbax's read errors end with the repr of a TensorStore's bound `spec` method.
+  line = line.split(" <bound method ")[0].rstrip(":")
   return f"{type(error).__name__}: {line}".rstrip(": ")
