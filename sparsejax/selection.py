@@ -59,6 +59,12 @@ def sortable_key(scores: jax.Array) -> jax.Array:
   return jnp.where(negative, ~bits, bits | _SIGN_BIT)
 
 
+def _as_rows(values: jax.Array, rows: int) -> jax.Array:
+  """``values`` flattened and padded with zeros (False, key 0) to ``[rows, _COLUMNS]``."""
+  flat = values.reshape(-1)
+  return jnp.pad(flat, (0, rows * _COLUMNS - flat.size)).reshape(rows, _COLUMNS)
+
+
 def _layout(scores: list[jax.Array], eligible: list[jax.Array | None], segments: list[int]
             ) -> tuple[jax.Array, jax.Array, dict[int, int]]:
   """All arrays as one ``[rows, _COLUMNS]`` layout, ordered by segment then position.
@@ -77,8 +83,7 @@ def _layout(scores: list[jax.Array], eligible: list[jax.Array | None], segments:
     starts[i], start = start, start + rows * _COLUMNS
     ok = jnp.ones((n,), bool) if eligible[i] is None else eligible[i].reshape(-1)
     key = jnp.where(ok, sortable_key(scores[i].reshape(-1)), jnp.uint32(0))
-    padding = rows * _COLUMNS - n  # padded entries: key 0, never chosen
-    keys.append(jnp.pad(key, (0, padding)).reshape(rows, _COLUMNS))
+    keys.append(_as_rows(key, rows))  # padded entries: key 0, never chosen
     row_segments.append(np.full((rows,), segments[i], np.int32))  # static
   sizes: dict[int, int] = {}
   for i in order:
@@ -134,8 +139,7 @@ def count_each(flags: list[jax.Array]) -> jax.Array:
   if not flags:
     return jnp.zeros((0,), jnp.int32)
   rows = [_layout_rows(f.size) for f in flags]
-  layout = jnp.concatenate([jnp.pad(f.reshape(-1), (0, r * _COLUMNS - f.size)).reshape(r, _COLUMNS)
-                            for f, r in zip(flags, rows, strict=True)])
+  layout = jnp.concatenate([_as_rows(f, r) for f, r in zip(flags, rows, strict=True)])
   row_segment = np.repeat(np.arange(len(flags), dtype=np.int32), rows)
   return _per_segment(layout, row_segment, len(flags))
 
